@@ -1,0 +1,35 @@
+"""Shared by the benchmark scripts: timing and the one JSON line each prints."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+
+def seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def median_seconds(fn: Callable[[], object], repeats: int = 7, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    return statistics.median(seconds(fn) for _ in range(repeats))
+
+
+def compare(
+    candidate: Callable[[], object], baseline: Callable[[], object], repeats: int = 7, warmup: int = 2
+):
+    """Median seconds of each, runs interleaved so that drift in the machine's load (another
+    process, frequency scaling) falls on both alike."""
+    for _ in range(warmup):
+        candidate(), baseline()
+    pairs = [(seconds(candidate), seconds(baseline)) for _ in range(repeats)]
+    return statistics.median(a for a, _ in pairs), statistics.median(b for _, b in pairs)
+
+
+def emit(result: dict) -> None:
+    print(json.dumps(result), flush=True)

@@ -1,0 +1,360 @@
+"""Typed experiment configuration, loaded from YAML.
+
+One pydantic model per component (model, MoE, tasks, data, training, ...), nested in `Config`.
+Unknown keys and ill-typed values are rejected with the file and the dotted key. A model
+`preset` (`tiny`, `base`) fills in the model section; keys given next to it win. Dotted
+overrides (`train.steps=100`, `tasks.wmt_en_de.batch_size=8`) are applied before validation,
+so they are checked like the file itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mm.tasks import kind_of
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the file and the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+class MoEConfig(Section):
+    num_experts: int = Field(8, ge=1)
+    k: int = Field(2, ge=1)
+    hidden: int = Field(256, ge=1, description="width of each expert's ReLU layer")
+    capacity_factor: float = Field(1.25, gt=0)
+    # None: no token is dropped at evaluation, so that decoding one token at a time gives
+    # exactly what a full recompute gives (capacity would otherwise depend on the batch).
+    eval_capacity_factor: float | None = None
+    noisy_gating: bool = True
+    balance_coef: float = Field(1e-2, ge=0)
+
+    @model_validator(mode="after")
+    def _k_fits(self) -> MoEConfig:
+        if self.k > self.num_experts:
+            raise ValueError(f"k={self.k} is larger than num_experts={self.num_experts}")
+        return self
+
+    def capacity(self, tokens: int, training: bool) -> int:
+        """Slots per expert: ceil(k * tokens * capacity_factor / num_experts)."""
+        factor = self.capacity_factor if training else self.eval_capacity_factor
+        if factor is None:
+            return tokens
+        return math.ceil(self.k * tokens * factor / self.num_experts)
+
+
+class ModelConfig(Section):
+    preset: Literal["tiny", "base"] | None = None
+    d_model: int = Field(64, ge=8)
+    num_heads: int = Field(4, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    attention_dropout: float = Field(0.1, ge=0, lt=1)
+    # (kernel, dilation) of the four conv steps of a conv block. The paper: two 3x1 steps,
+    # then two steps with the large kernel, the last one dilated.
+    conv_kernels: list[tuple[int, int]] = [(3, 1), (3, 1), (5, 1), (5, 2)]
+    encoder_blocks: int = Field(2, ge=0, description="conv blocks; the MoE layer sits in the middle")
+    mixer_blocks: int = Field(1, ge=0, description="conv blocks after the mixer's attention block")
+    decoder_blocks: int = Field(2, ge=0, description="conv+attention blocks; MoE in the middle")
+    image_channels: int = Field(3, ge=1)
+    audio_bins: int = Field(80, ge=1)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    tie_embeddings: bool = False
+    moe: MoEConfig = MoEConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") in MODEL_PRESETS:
+            return _deep_merge(MODEL_PRESETS[data["preset"]], data)
+        return data
+
+    @field_validator("conv_kernels")
+    @classmethod
+    def _four_odd_kernels(cls, kernels: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        if len(kernels) != 4:
+            raise ValueError(f"a conv block has 4 steps, got {len(kernels)} (kernel, dilation) pairs")
+        for kernel, dilation in kernels:
+            if kernel < 1 or kernel % 2 == 0 or dilation < 1:
+                raise ValueError(f"kernel sizes must be odd and dilations >= 1, got ({kernel}, {dilation})")
+        return kernels
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelConfig:
+        if self.d_model % self.num_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
+        return self
+
+
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    # A training step well under a second on one CPU core.
+    "tiny": {
+        "d_model": 64,
+        "num_heads": 4,
+        "dropout": 0.0,
+        "attention_dropout": 0.0,
+        "conv_kernels": [(3, 1), (3, 1), (5, 1), (5, 2)],
+        "encoder_blocks": 2,
+        "mixer_blocks": 1,
+        "decoder_blocks": 2,
+        "moe": {"num_experts": 4, "k": 2, "hidden": 128},
+    },
+    # tensor2tensor's multimodel_base.
+    "base": {
+        "d_model": 512,
+        "num_heads": 8,
+        "dropout": 0.1,
+        "attention_dropout": 0.1,
+        "conv_kernels": [(3, 1), (3, 1), (15, 1), (15, 4)],
+        "encoder_blocks": 6,
+        "mixer_blocks": 2,
+        "decoder_blocks": 4,
+        "moe": {"num_experts": 30, "k": 2, "hidden": 2048},
+    },
+}
+
+
+# --------------------------------------------------------------------------------------------- tasks
+
+CorpusLayout = Literal["imagenet", "wmt", "tsv", "coco", "librispeech", "speech_manifest", "ptb"]
+
+
+class CorpusConfig(Section):
+    path: Path
+    layout: CorpusLayout
+    source_lang: str | None = None
+    target_lang: str | None = None
+    # split name -> folder or file prefix inside `path`
+    splits: dict[str, str] = {"train": "train", "dev": "dev", "test": "test"}
+
+
+class TaskConfig(Section):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    kind: str
+    corpus: CorpusConfig | None = None
+    command: str | None = Field(None, description="command token; default <2name>")
+    loss_weight: float = Field(1.0, ge=0)
+    metrics: list[str] | None = None
+    num_classes: int | None = Field(None, ge=2)
+    batch_size: int = Field(16, ge=1)
+    max_input_length: int = Field(256, ge=1)
+    max_target_length: int = Field(128, ge=2)
+    mix_weight: float | None = Field(None, ge=0, description="explicit mixing ratio")
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, kind: str) -> str:
+        kind_of(kind)
+        return kind
+
+    @model_validator(mode="after")
+    def _defaults_from_kind(self) -> TaskConfig:
+        if self.command is None:
+            self.command = f"<2{self.name}>"
+        if self.metrics is None:
+            self.metrics = list(kind_of(self.kind).metrics)
+        return self
+
+
+# ---------------------------------------------------------------------------------------- data, train
+
+
+class DataConfig(Section):
+    shards: Path = Path("shards")
+    vocab_size: int = Field(8000, ge=16)
+    image_size: int = Field(28, ge=8)
+    sample_rate: int = Field(16000, ge=1000)
+    mel_bins: int = Field(80, ge=8)
+    window_ms: float = Field(25.0, gt=0)
+    hop_ms: float = Field(10.0, gt=0)
+    max_rejected_fraction: float = Field(0.01, ge=0, le=1)
+    shard_rows: int = Field(20000, ge=1, description="rows per parquet part")
+
+
+class MixingConfig(Section):
+    strategy: Literal["ratios", "temperature", "loss_adaptive"] = "temperature"
+    temperature: float = Field(2.0, gt=0)
+    # loss-adaptive: p ∝ (running loss)^power, smoothed with this decay
+    adaptive_power: float = Field(1.0, ge=0)
+    adaptive_decay: float = Field(0.9, ge=0, lt=1)
+
+
+class TrainConfig(Section):
+    steps: int = Field(1000, ge=1)
+    lr: float = Field(1e-3, gt=0, description="peak learning rate, reached after warm-up")
+    warmup_steps: int = Field(100, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-9
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    grad_accum: int = Field(1, ge=1)
+    batch_by: Literal["examples", "tokens"] = "examples"
+    mixing: MixingConfig = MixingConfig()
+    eval_every: int = Field(500, ge=1)
+    eval_examples: int = Field(200, ge=1)
+    log_every: int = Field(50, ge=1)
+    checkpoint_every: int = Field(500, ge=1)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    compile: bool = False
+
+
+class Config(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    tasks: list[TaskConfig]
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique_task_names(cls, tasks: list[TaskConfig]) -> list[TaskConfig]:
+        if not tasks:
+            raise ValueError("at least one task is needed")
+        names = [t.name for t in tasks]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"task names must be unique, repeated: {', '.join(duplicated)}")
+        return tasks
+
+    def task(self, name: str) -> TaskConfig:
+        for task in self.tasks:
+            if task.name == name:
+                return task
+        raise KeyError(f"config {self.name!r} has no task {name!r}; it has {', '.join(self.task_names)}")
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    @property
+    def command_tokens(self) -> list[str]:
+        """The command tokens in a fixed order: they get ids 3, 4, ... in the vocabulary."""
+        return sorted({t.command for t in self.tasks})
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top, got {type(raw).__name__}")
+    for override in overrides:
+        raw = apply_override(raw, override, source=str(path))
+    return parse_config(raw, source=str(path))
+
+
+def parse_config(raw: dict[str, Any], source: str = "<config>") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, raw, source)) from None
+
+
+def apply_override(raw: dict[str, Any], override: str, source: str = "<config>") -> dict[str, Any]:
+    """`a.b.c=value`, the value parsed as YAML; list items with a `name` are addressed by it."""
+    key, sep, value = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r}: expected KEY=VALUE, e.g. train.steps=100")
+    raw = copy.deepcopy(raw)
+    node: Any = raw
+    parts = key.split(".")
+    for depth, part in enumerate(parts[:-1]):
+        node = _child(node, part, ".".join(parts[: depth + 1]), source, create=True)
+    last = parts[-1]
+    parsed = yaml.safe_load(value)
+    if isinstance(node, list):
+        _child(node, last, key, source, create=False)  # raises when no such named item
+        raise ConfigError(f"{source}: override {key}: replace fields of the item, not the item")
+    node[last] = parsed
+    return raw
+
+
+def _child(node: Any, part: str, where: str, source: str, create: bool) -> Any:
+    if isinstance(node, dict):
+        if part not in node and create:
+            node[part] = {}
+        return node[part]
+    if isinstance(node, list):
+        for item in node:
+            if isinstance(item, dict) and item.get("name") == part:
+                return item
+        names = [item.get("name") for item in node if isinstance(item, dict)]
+        raise ConfigError(f"{source}: override {where}: no item named {part!r} (have {names})")
+    raise ConfigError(f"{source}: override {where}: {type(node).__name__} has no keys")
+
+
+def _describe(err: ValidationError, raw: dict[str, Any], source: str) -> str:
+    lines = [f"{source}: invalid config"]
+    for problem in err.errors():
+        key = _dotted(problem["loc"], raw)
+        if problem["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            got = f" (got {problem['input']!r})" if problem["type"] != "missing" else ""
+            lines.append(f"  {key}: {problem['msg']}{got}")
+    return "\n".join(lines)
+
+
+def _dotted(loc: tuple[Any, ...], raw: dict[str, Any]) -> str:
+    """Turn pydantic's location into a dotted key, naming list items by their `name`."""
+    parts, node = [], raw
+    for item in loc:
+        if isinstance(item, int) and isinstance(node, list) and item < len(node):
+            node = node[item]
+            name = node.get("name") if isinstance(node, dict) else None
+            parts.append(f"{name}" if name else f"[{item}]")
+            continue
+        if re.fullmatch(r"[a-z_]+\[.*\]", str(item)) or item in ("tuple", "list"):
+            continue  # pydantic's internal markers for tuple/union members
+        parts.append(str(item))
+        node = node.get(item) if isinstance(node, dict) else None
+    return re.sub(r"\.\[", "[", ".".join(parts)) or "<top>"
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def flatten(config: BaseModel) -> dict[str, Any]:
+    """The config as dotted keys (MLflow params); tasks are keyed by name."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), item)
+        elif isinstance(value, list) and value and all(isinstance(v, dict) and "name" in v for v in value):
+            for item in value:
+                walk(f"{prefix}.{item['name']}", {k: v for k, v in item.items() if k != "name"})
+        else:
+            out[prefix] = value
+
+    walk("", config.model_dump(mode="json"))
+    return out

@@ -1,0 +1,146 @@
+"""Task metrics: top-1/top-5 accuracy, BLEU (sacrebleu), WER (jiwer), labeled bracket F1 and
+exact match for parse trees, and per-token accuracy and log-perplexity for every text task.
+
+Higher is better for every metric but `wer` and `log_ppl`; `higher_is_better` says which.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import jiwer
+import sacrebleu
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+LOWER_IS_BETTER = {"wer", "log_ppl"}
+TAG = "XX"  # every part-of-speech tag of a linearised parse tree (Vinyals et al. 2015)
+
+
+def higher_is_better(metric: str) -> bool:
+    return metric not in LOWER_IS_BETTER
+
+
+# ------------------------------------------------------------------------------------ classification
+
+
+def accuracy(top_classes: Tensor, targets: Tensor) -> float:
+    """Top-1 accuracy from [N, k] ranked class ids (or [N] predictions)."""
+    predicted = top_classes if top_classes.dim() == 1 else top_classes[:, 0]
+    return float((predicted == targets).float().mean())
+
+
+def top_k_accuracy(top_classes: Tensor, targets: Tensor, k: int = 5) -> float:
+    return float((top_classes[:, :k] == targets.unsqueeze(1)).any(1).float().mean())
+
+
+# ------------------------------------------------------------------------------------- text, forced
+
+
+def token_accuracy(logits: Tensor, targets: Tensor) -> float:
+    """Share of real target tokens (id != 0) the model ranks first under teacher forcing."""
+    real = targets != 0
+    return float(((logits.argmax(-1) == targets) & real).sum() / real.sum().clamp(min=1))
+
+
+def log_perplexity(logits: Tensor, targets: Tensor) -> float:
+    """Mean negative log-likelihood per real target token (no label smoothing)."""
+    return float(F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=0))
+
+
+# ------------------------------------------------------------------------------------ text, decoded
+
+
+def bleu(hypotheses: Sequence[str], references: Sequence[str | Sequence[str]]) -> float:
+    """Corpus BLEU (0-100). Each reference may be one string or several (COCO captions)."""
+    refs = [[r] if isinstance(r, str) else list(r) for r in references]
+    most = max((len(r) for r in refs), default=1)
+    # sacrebleu takes reference *streams*; examples with fewer references repeat their first
+    streams = [[r[i] if i < len(r) else r[0] for r in refs] for i in range(most)]
+    return float(sacrebleu.corpus_bleu(list(hypotheses), streams).score)
+
+
+def wer(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """Word error rate over the corpus (jiwer takes the reference first)."""
+    pairs = [(r, h) for r, h in zip(references, hypotheses) if r.strip()]
+    if not pairs:
+        return 0.0
+    return float(jiwer.wer([r for r, _ in pairs], [h if h.strip() else "<empty>" for _, h in pairs]))
+
+
+# ------------------------------------------------------------------------------------------- trees
+
+
+def tree_tokens(tree: str) -> list[str]:
+    return tree.replace("(", " (").replace(")", " )").split()
+
+
+@dataclass
+class Node:
+    label: str
+    children: list[Node | str] = field(default_factory=list)
+
+
+def parse_tree(tree: str) -> list[Node | str]:
+    """The top-level nodes of a bracketed tree. Accepts `(S (NP XX XX ) )` and Vinyals'
+    labelled closers `)S`; tolerates unbalanced brackets (a model's output may be malformed)."""
+    stack = [Node("")]
+    for token in tree_tokens(tree):
+        if token.startswith("(") and len(token) > 1:
+            node = Node(token[1:])
+            stack[-1].children.append(node)
+            stack.append(node)
+        elif token.startswith(")"):
+            if len(stack) > 1:
+                stack.pop()
+        else:
+            stack[-1].children.append(token)
+    return stack[0].children
+
+
+def labeled_spans(tree: str) -> Counter[tuple[str, int, int]]:
+    """(label, first leaf, end leaf) of every constituent; preterminals are left out, as evalb
+    does: a tag over one word (`(DT The)`, `(XX The)`). In Vinyals' form the leaves are the XX
+    tags themselves, so `(NP XX )NP` is a real one-word constituent."""
+    spans: Counter[tuple[str, int, int]] = Counter()
+
+    def walk(node: Node | str, start: int) -> int:
+        if isinstance(node, str):
+            return start + 1
+        end = start
+        for child in node.children:
+            end = walk(child, end)
+        over_one_word = len(node.children) == 1 and isinstance(node.children[0], str)
+        is_preterminal = node.label == TAG or (over_one_word and node.children[0] != TAG)
+        if not is_preterminal and end > start:
+            spans[(node.label, start, end)] += 1
+        return end
+
+    position = 0
+    for node in parse_tree(tree):
+        position = walk(node, position)
+    return spans
+
+
+def bracket_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Labeled bracket F1 over the corpus (evalb-style, XX preterminals ignored) and the share
+    of trees matched exactly."""
+    matched = predicted = gold = exact = 0
+    for hyp, ref in zip(hypotheses, references):
+        hyp_spans, ref_spans = labeled_spans(hyp), labeled_spans(ref)
+        matched += sum((hyp_spans & ref_spans).values())
+        predicted += sum(hyp_spans.values())
+        gold += sum(ref_spans.values())
+        exact += tree_tokens(hyp) == tree_tokens(ref)
+    precision = matched / predicted if predicted else 0.0
+    recall = matched / gold if gold else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"bracket_f1": 100 * f1, "exact_match": 100 * exact / max(len(references), 1)}
+
+
+def perplexity_metrics(logits: Tensor, targets: Tensor) -> dict[str, float]:
+    with torch.no_grad():
+        return {"log_ppl": log_perplexity(logits, targets), "token_accuracy": token_accuracy(logits, targets)}

@@ -1,0 +1,269 @@
+"""The MultiModel (Kaiser et al. 2017, "One Model To Learn Them All").
+
+    inputs ──modality net──▶ encoder ──────────────────────────────┬──▶ class head  (class tasks)
+                             conv blocks, MoE, conv blocks         │
+    targets shifted right, ─▶ I/O mixer ─────────▶ decoder ────────┴──▶ text out    (text tasks)
+    command token first       attention block,     conv + attention
+                              causal conv blocks   blocks, MoE in the middle
+
+Every task shares the body. Modality nets are shared by the tasks of one modality; the command
+token (the task's own id in the shared vocabulary) tells the decoder which output to produce.
+Class tasks stop after the encoder, as tensor2tensor's MultiModel did. Everything after the
+mixer's input is causal (left-padded convolutions, masked self-attention), so decoding runs one
+token at a time from cached state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mm.batch import EOS, Batch
+from mm.config import ModelConfig
+from mm.decoding import beam_search, greedy_search
+from mm.layers import AttentionBlock, ConvBlock, DecodeState
+from mm.modalities import AudioInput, ClassOutput, ImageInput, TextInput
+from mm.moe import MoE, MoEStats
+from mm.tasks import TaskSpec
+
+
+@dataclass
+class Output:
+    loss: Tensor  # loss_weight * task loss + MoE balancing loss: what training minimises
+    task_losses: dict[str, Tensor]  # the task's own (unweighted, detached) loss
+    aux_loss: Tensor
+    logits: Tensor  # [B, classes] or [B, U, vocab]
+    moe: list[MoEStats]
+
+
+def make_moe(config: ModelConfig) -> MoE:
+    moe = config.moe
+    return MoE(
+        config.d_model,
+        moe.hidden,
+        moe.num_experts,
+        moe.k,
+        moe.capacity_factor,
+        eval_capacity_factor=moe.eval_capacity_factor,
+        noisy_gating=moe.noisy_gating,
+        balance_coef=moe.balance_coef,
+    )
+
+
+class MoEResidual(nn.Module):
+    """x + MoE(x), normalised: tokens an expert had no room for pass through unchanged."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.moe = make_moe(config)
+        self.norm = nn.LayerNorm(config.d_model)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, MoEStats]:
+        out = self.moe(x, mask)
+        return self.norm(x + self.dropout(out.y)), out.aux_loss, out.stats
+
+
+class Encoder(nn.Module):
+    """Conv blocks with an MoE layer in the middle (the paper: 6 blocks)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        half = config.encoder_blocks // 2
+        block = lambda: ConvBlock(config.d_model, config.conv_kernels, causal=False, dropout=config.dropout)  # noqa: E731
+        self.before = nn.ModuleList(block() for _ in range(half))
+        self.moe = MoEResidual(config)
+        self.after = nn.ModuleList(block() for _ in range(config.encoder_blocks - half))
+
+    def forward(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, MoEStats]:
+        for block in self.before:
+            x = block(x, mask)
+        x, aux, stats = self.moe(x, mask)
+        for block in self.after:
+            x = block(x, mask)
+        return x, aux, stats
+
+
+class Mixer(nn.Module):
+    """The I/O mixer: an attention block over the encoded inputs, then causal conv blocks."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d = config.d_model
+        self.attention = AttentionBlock(
+            d, config.num_heads, config.conv_kernels, config.dropout, config.attention_dropout
+        )
+        self.blocks = nn.ModuleList(
+            ConvBlock(d, config.conv_kernels, causal=True, dropout=config.dropout)
+            for _ in range(config.mixer_blocks)
+        )
+
+    def forward(self, x, mask, source, source_mask, state: DecodeState | None = None) -> Tensor:
+        x = self.attention(x, mask, source, source_mask, state)
+        for block in self.blocks:
+            x = block(x, mask, state)
+        return x
+
+
+class Decoder(nn.Module):
+    """Causal conv + attention blocks with an MoE layer in the middle (the paper: 4 blocks)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d, n = config.d_model, config.decoder_blocks
+        self.convs = nn.ModuleList(
+            ConvBlock(d, config.conv_kernels, causal=True, dropout=config.dropout) for _ in range(n)
+        )
+        self.attentions = nn.ModuleList(
+            AttentionBlock(d, config.num_heads, config.conv_kernels, config.dropout, config.attention_dropout)
+            for _ in range(n)
+        )
+        self.moe_at = n // 2
+        self.moe = MoEResidual(config)
+
+    def forward(self, x, mask, source, source_mask, state: DecodeState | None = None):
+        aux, stats = x.new_zeros(()), None
+        for i, (conv, attention) in enumerate(zip(self.convs, self.attentions)):
+            if i == self.moe_at:
+                x, aux, stats = self.moe(x, mask)
+            x = attention(conv(x, mask, state), mask, source, source_mask, state)
+        if stats is None:  # no blocks after the middle
+            x, aux, stats = self.moe(x, mask)
+        return x, aux, stats
+
+
+class MultiModel(nn.Module):
+    def __init__(self, config: ModelConfig, tasks: Sequence[TaskSpec], vocab_size: int):
+        super().__init__()
+        self.config = config
+        self.tasks = {task.name: task for task in tasks}
+        self.vocab_size = vocab_size
+        d = config.d_model
+        modalities = {t.input_modality for t in tasks}
+        self.image_in = ImageInput(d, config.image_channels) if "image" in modalities else None
+        self.audio_in = AudioInput(d, config.audio_bins) if "audio" in modalities else None
+        self.text_in = TextInput(vocab_size, d)  # also embeds the decoder's (shifted) targets
+        self.encoder = Encoder(config)
+        self.mixer = Mixer(config)
+        self.decoder = Decoder(config)
+        self.text_out = nn.Linear(d, vocab_size)
+        if config.tie_embeddings:
+            self.text_out.weight = self.text_in.weight
+        self.class_out = nn.ModuleDict(
+            {t.name: ClassOutput(d, t.num_classes) for t in tasks if t.output_modality == "class"}
+        )
+
+    # --------------------------------------------------------------------------------- training
+
+    def forward(self, batch: Batch) -> Output:
+        task = self.tasks[batch.task]
+        encoded, mask, aux, stats = self.encode(batch)
+        moe_stats = [stats]
+        if task.output_modality == "class":
+            logits = self.class_out[task.name](encoded, mask)
+            task_loss = F.cross_entropy(logits, batch.targets)
+        else:
+            shifted = self.shift_right(batch.targets, task.command_id)
+            hidden, dec_aux, dec_stats = self.decode(shifted, shifted != 0, encoded, mask)
+            logits = self.text_out(hidden)
+            task_loss = F.cross_entropy(
+                logits.flatten(0, 1),
+                batch.targets.flatten(),
+                ignore_index=0,
+                label_smoothing=self.config.label_smoothing,
+            )
+            aux, moe_stats = aux + dec_aux, [stats, dec_stats]
+        loss = task.loss_weight * task_loss + aux
+        return Output(loss, {task.name: task_loss.detach()}, aux, logits, moe_stats)
+
+    def encode(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor, MoEStats]:
+        x, mask = self.embed_inputs(batch)
+        encoded, aux, stats = self.encoder(x, mask)
+        return encoded, mask, aux, stats
+
+    def embed_inputs(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        modality = self.tasks[batch.task].input_modality
+        if modality == "image":
+            return self.image_in(batch.inputs)
+        if modality == "audio":
+            return self.audio_in(batch.inputs, batch.input_lengths)
+        return self.text_in(batch.inputs), batch.inputs != 0
+
+    def decode(self, targets, target_mask, source, source_mask, state: DecodeState | None = None):
+        x = self.text_in(targets)
+        x = self.mixer(x, target_mask, source, source_mask, state)
+        return self.decoder(x, target_mask, source, source_mask, state)
+
+    @staticmethod
+    def shift_right(targets: Tensor, command_id: int) -> Tensor:
+        """[command, y1, ..., y(U-1)]: the decoder predicts y_t from the command and y_<t."""
+        command = targets.new_full((len(targets), 1), command_id)
+        return torch.cat([command, targets[:, :-1]], dim=1)
+
+    # -------------------------------------------------------------------------------- inference
+
+    @torch.no_grad()
+    def classify(self, batch: Batch, topk: int = 5) -> tuple[Tensor, Tensor]:
+        """The `topk` most likely classes of each example and their probabilities."""
+        encoded, mask, _, _ = self.encode(batch)
+        probs = self.class_out[batch.task](encoded, mask).softmax(-1)
+        top = probs.topk(min(topk, probs.shape[-1]), dim=-1)
+        return top.values, top.indices
+
+    @torch.no_grad()
+    def generate(
+        self, batch: Batch, max_len: int = 64, beam: int = 1, incremental: bool = True
+    ) -> list[list[int]]:
+        """Token ids of each example's output, EOS excluded. `incremental=False` recomputes the
+        whole prefix at every step instead of continuing from cached state (for comparison)."""
+        encoded, mask, _, _ = self.encode(batch)
+        if beam > 1:
+            encoded, mask = encoded.repeat_interleave(beam, 0), mask.repeat_interleave(beam, 0)
+        first = torch.full((len(encoded),), self.tasks[batch.task].command_id, device=encoded.device)
+        decode_step = self._next_token if incremental else self._next_token_recomputed
+
+        def step(tokens: Tensor, state: DecodeState) -> Tensor:
+            return decode_step(tokens, state, encoded, mask)
+
+        if beam > 1:
+            return beam_search(step, DecodeState(), first, max_len, EOS, beam)
+        return greedy_search(step, DecodeState(), first, max_len, EOS)
+
+    def _next_token(self, tokens: Tensor, state: DecodeState, source: Tensor, source_mask: Tensor) -> Tensor:
+        new = tokens.unsqueeze(1)
+        hidden, _, _ = self.decode(new, torch.ones_like(new, dtype=torch.bool), source, source_mask, state)
+        return self.text_out(hidden[:, -1]).log_softmax(-1)
+
+    def _next_token_recomputed(self, tokens, state: DecodeState, source, source_mask) -> Tensor:
+        cache = state.cache(self)
+        prefix = (
+            tokens.unsqueeze(1) if "prefix" not in cache else torch.cat([cache["prefix"], tokens[:, None]], 1)
+        )
+        cache["prefix"] = prefix
+        hidden, _, _ = self.decode(prefix, torch.ones_like(prefix, dtype=torch.bool), source, source_mask)
+        return self.text_out(hidden[:, -1]).log_softmax(-1)
+
+
+# ------------------------------------------------------------------------------------------ FLOPs
+
+
+def training_flops(model: MultiModel, batch: Batch) -> float:
+    """FLOPs of one forward+backward pass on `batch`, per example, as PyTorch counts them
+    (matmuls, convolutions, attention); for model FLOPs utilisation as nanoGPT's estimate_mfu."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(batch).loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / len(batch)
+
+
+def estimate_mfu(flops_per_example: float, examples_per_second: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation: achieved FLOP/s over the hardware's peak (e.g. 989e12 for an
+    H100's dense bf16)."""
+    return flops_per_example * examples_per_second / peak_flops

@@ -1,0 +1,301 @@
+"""Sparsely-gated mixture-of-experts layer (Shazeer et al. 2017), as the MultiModel uses it.
+
+A forward pass is four steps:
+
+    route     noisy top-k gating: each token picks k experts and their combine weights
+    dispatch  tokens go into per-expert buffers of `capacity` slots; the ones that do not fit
+              are dropped (they reach the output through the caller's residual) and counted
+    experts   every expert's two-layer ReLU FFN, all experts at once with batched matmuls
+    combine   each token sums its experts' outputs weighted by its gates
+
+Dispatch and combine belong to a dispatcher. `LocalDispatcher` keeps every expert in this
+process. `ExpertParallelDispatcher` holds num_experts / W of them on each of W ranks and moves
+tokens to their experts' ranks with `all_to_all_single` and back. Both drop exactly the same
+tokens, so an expert-parallel layer computes what the whole layer computes on the
+concatenation of every rank's tokens (rank 0's first): a token's slot in an expert's buffer is
+its arrival order in that concatenation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+NOISE_EPSILON = 1e-2  # floor of the gating noise's standard deviation, as tensor2tensor
+
+
+@dataclass
+class Routing:
+    """Each token's choice of experts."""
+
+    gates: Tensor  # [N, k] combine weights: softmax over the k largest (noisy) logits
+    experts: Tensor  # [N, k] the chosen experts' global ids
+    valid: Tensor  # [N] True for real tokens; padding is never routed
+    importance: Tensor  # [E] sum of each expert's gates over the tokens (differentiable)
+    load: Tensor  # [E] expected tokens per expert: smooth estimate when noisy, else counts
+
+
+@dataclass
+class MoEStats:
+    load: Tensor  # [E] tokens routed to each expert (before capacity), over the whole group
+    dropped: int  # token-expert assignments that found no free slot
+    assigned: int  # token-expert assignments in all
+
+    @property
+    def dropped_fraction(self) -> float:
+        return self.dropped / max(self.assigned, 1)
+
+
+@dataclass
+class MoEOutput:
+    y: Tensor
+    aux_loss: Tensor
+    stats: MoEStats
+
+
+class Experts(nn.Module):
+    """`num` two-layer ReLU FFNs, computed together: one batched matmul per layer."""
+
+    def __init__(self, num: int, d_model: int, hidden: int, first_id: int = 0):
+        super().__init__()
+        self.first_id = first_id  # global id of the first expert held here
+        bound1, bound2 = 1 / math.sqrt(d_model), 1 / math.sqrt(hidden)
+        self.w1 = nn.Parameter(torch.empty(num, d_model, hidden).uniform_(-bound1, bound1))
+        self.b1 = nn.Parameter(torch.zeros(num, 1, hidden))
+        self.w2 = nn.Parameter(torch.empty(num, hidden, d_model).uniform_(-bound2, bound2))
+        self.b2 = nn.Parameter(torch.zeros(num, 1, d_model))
+
+    @property
+    def num(self) -> int:
+        return self.w1.shape[0]
+
+    def forward(self, x: Tensor) -> Tensor:  # [num, slots, d] -> [num, slots, d]
+        return torch.baddbmm(self.b2, F.relu(torch.baddbmm(self.b1, x, self.w1)), self.w2)
+
+    def slice(self, first: int, num: int) -> Experts:
+        """A copy holding experts first .. first+num-1 (for expert parallelism)."""
+        part = Experts(num, self.w1.shape[1], self.w1.shape[2], first_id=self.first_id + first)
+        with torch.no_grad():
+            for name, param in part.named_parameters():
+                param.copy_(getattr(self, name)[first : first + num])
+        return part
+
+
+class MoE(nn.Module):
+    def __init__(
+        self,
+        d_model: int,
+        d_hidden: int,
+        num_experts: int,
+        k: int = 2,
+        capacity_factor: float = 1.25,
+        group: dist.ProcessGroup | None = None,
+        eval_capacity_factor: float | None = None,
+        noisy_gating: bool = True,
+        balance_coef: float = 1e-2,
+    ):
+        super().__init__()
+        if not 1 <= k <= num_experts:
+            raise ValueError(f"MoE needs 1 <= k <= num_experts, got k={k}, num_experts={num_experts}")
+        self.num_experts, self.k = num_experts, k
+        self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
+        self.noisy_gating, self.balance_coef = noisy_gating, balance_coef
+        # Shazeer et al. start both gating matrices at zero; a small random w_gate instead
+        # spreads the tokens over the experts from the first step, also at evaluation.
+        self.w_gate = nn.Parameter(torch.randn(d_model, num_experts) * 0.02)
+        self.w_noise = nn.Parameter(torch.zeros(d_model, num_experts))
+        self.experts = Experts(num_experts, d_model, d_hidden)
+        self.dispatcher: LocalDispatcher | ExpertParallelDispatcher = LocalDispatcher()
+        if group is not None:
+            self.shard(group)
+
+    def shard(self, group: dist.ProcessGroup) -> None:
+        """Keep only this rank's num_experts / W experts; tokens will travel to the others."""
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        if self.num_experts % world:
+            raise ValueError(
+                f"num_experts={self.num_experts} is not divisible by the {world} expert-parallel ranks"
+            )
+        per_rank = self.num_experts // world
+        self.experts = self.experts.slice(rank * per_rank, per_rank)
+        self.dispatcher = ExpertParallelDispatcher(group)
+
+    def capacity(self, tokens: int) -> int:
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        if factor is None:
+            return tokens
+        return math.ceil(self.k * tokens * factor / self.num_experts)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, noise: Tensor | None = None) -> MoEOutput:
+        """x: [..., d]; mask: [...] True at real tokens; noise: [..., E] standard normal (tests)."""
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        valid = torch.ones(len(x), dtype=torch.bool, device=x.device) if mask is None else mask.reshape(-1)
+        routing = self.route(x, valid, None if noise is None else noise.reshape(-1, self.num_experts))
+        y, stats = self.dispatcher(x, routing, self.experts, self.capacity)
+        return MoEOutput(y.view(shape), self.balance_loss(routing), stats)
+
+    # ------------------------------------------------------------------------------------ gating
+
+    def route(self, x: Tensor, valid: Tensor, noise: Tensor | None = None) -> Routing:
+        clean = x @ self.w_gate
+        noisy = self.training and self.noisy_gating
+        if noisy:
+            noise_std = F.softplus(x @ self.w_noise) + NOISE_EPSILON
+            noise = torch.randn_like(clean) if noise is None else noise
+            logits = clean + noise * noise_std
+        else:
+            logits = clean
+        top_values, top_experts = logits.topk(min(self.k + 1, self.num_experts), dim=-1)
+        gates = F.softmax(top_values[:, : self.k], dim=-1)
+        experts = top_experts[:, : self.k]
+        real = valid.unsqueeze(1).to(x.dtype)
+        importance = (torch.zeros_like(clean).scatter(1, experts, gates) * real).sum(0)
+        if noisy and self.k < self.num_experts:
+            load = (self._smooth_load(clean, logits, noise_std, top_values) * real).sum(0)
+        else:
+            load = (F.one_hot(experts, self.num_experts).sum(1).to(x.dtype) * real).sum(0)
+        return Routing(gates, experts, valid, importance, load)
+
+    def _smooth_load(self, clean: Tensor, noisy: Tensor, noise_std: Tensor, top_values: Tensor) -> Tensor:
+        """P(expert in top-k) for each token and expert, differentiable in the gate weights.
+
+        An expert is in the top k while its noisy logit beats the k-th largest of the others:
+        the (k+1)-th largest value if it is in now, else the k-th.
+        """
+        threshold_if_in = top_values[:, self.k : self.k + 1]
+        threshold_if_out = top_values[:, self.k - 1 : self.k]
+        normal = torch.distributions.Normal(0.0, 1.0)
+        prob_if_in = normal.cdf((clean - threshold_if_in) / noise_std)
+        prob_if_out = normal.cdf((clean - threshold_if_out) / noise_std)
+        return torch.where(noisy > threshold_if_in, prob_if_in, prob_if_out)
+
+    def balance_loss(self, routing: Routing) -> Tensor:
+        """coef * (CV²(importance) + CV²(load)), over every token of the expert-parallel group."""
+        importance = self.dispatcher.sum_over_group(routing.importance)
+        load = self.dispatcher.sum_over_group(routing.load)
+        return self.balance_coef * (cv_squared(importance) + cv_squared(load))
+
+
+def cv_squared(x: Tensor) -> Tensor:
+    """Squared coefficient of variation: 0 for a perfectly even distribution."""
+    return x.var(unbiased=False) / (x.mean() ** 2 + 1e-10)
+
+
+# ---------------------------------------------------------------------------------------- dispatch
+
+
+def flat_assignments(routing: Routing) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One row per (token, choice), token-major: token ids, expert ids, gates, validity."""
+    n, k = routing.experts.shape
+    token = torch.arange(n, device=routing.experts.device).repeat_interleave(k)
+    return token, routing.experts.reshape(-1), routing.gates.reshape(-1), routing.valid.repeat_interleave(k)
+
+
+def arrival_order(expert: Tensor, valid: Tensor, num_experts: int) -> Tensor:
+    """For each assignment, how many valid assignments to the same expert come before it."""
+    onehot = F.one_hot(expert, num_experts) * valid.unsqueeze(1)
+    return (onehot.cumsum(0) - 1).gather(1, expert.unsqueeze(1)).squeeze(1)
+
+
+def run_experts(experts: Experts, rows: Tensor, local_expert: Tensor, slot: Tensor) -> Tensor:
+    """Place rows in [experts, slots, d] buffers, run the experts, read the rows back out."""
+    slots = int(slot.max()) + 1 if len(slot) else 1
+    index = local_expert * slots + slot
+    buffer = rows.new_zeros(experts.num * slots, rows.shape[-1]).index_copy(0, index, rows)
+    return experts(buffer.view(experts.num, slots, -1)).view(-1, rows.shape[-1])[index]
+
+
+def dropped_count(load: Tensor, capacity: int) -> int:
+    return int((load - capacity).clamp(min=0).sum())
+
+
+class LocalDispatcher:
+    """Every expert in this process."""
+
+    def __call__(
+        self, x: Tensor, routing: Routing, experts: Experts, capacity: Callable[[int], int]
+    ) -> tuple[Tensor, MoEStats]:
+        token, expert, gate, valid = flat_assignments(routing)
+        cap = capacity(int(routing.valid.sum()))
+        slot = arrival_order(expert, valid, experts.num)
+        keep = valid & (slot < cap)
+        out = run_experts(experts, x[token[keep]], expert[keep], slot[keep])
+        y = torch.zeros_like(x).index_add(0, token[keep], out * gate[keep].unsqueeze(1))
+        load = torch.bincount(expert[valid], minlength=experts.num)
+        return y, MoEStats(load, dropped_count(load, cap), int(valid.sum()))
+
+    def sum_over_group(self, t: Tensor) -> Tensor:
+        return t
+
+
+class ExpertParallelDispatcher:
+    """num_experts / W experts on each of the W ranks of `group`, tokens moved with all_to_all.
+
+    Every rank learns every rank's per-expert counts (one small all_gather), so each can tell
+    without asking which of its tokens fit: rank r's tokens for expert e take the slots after
+    those of ranks 0..r-1. Only kept tokens travel.
+    """
+
+    def __init__(self, group: dist.ProcessGroup):
+        self.group = group
+        self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
+
+    def __call__(
+        self, x: Tensor, routing: Routing, experts: Experts, capacity: Callable[[int], int]
+    ) -> tuple[Tensor, MoEStats]:
+        token, expert, gate, valid = flat_assignments(routing)
+        num_local, num_experts = experts.num, experts.num * self.world
+
+        counts = self._gather_counts(expert, valid, routing.valid, num_experts)  # [W, E + 1]
+        load, tokens_per_rank = counts[:, :num_experts], counts[:, num_experts]
+        cap = capacity(int(tokens_per_rank.sum()))
+        earlier = load.cumsum(0) - load  # assignments of lower ranks, per expert
+        kept = (cap - earlier).clamp(min=0).minimum(load)  # [W, E] how many each rank sends
+
+        slot = earlier[self.rank][expert] + arrival_order(expert, valid, num_experts)
+        keep = valid & (slot < cap)
+        chosen = keep.nonzero().squeeze(1)
+        order = chosen[torch.argsort(expert[chosen], stable=True)]  # by expert, hence by rank
+
+        send = kept[self.rank].view(self.world, num_local).sum(1).tolist()
+        mine = kept[:, self.rank * num_local : (self.rank + 1) * num_local]  # [W, E_local]
+        receive = mine.sum(1).tolist()
+        arrived = self._exchange(x[token[order]], receive, send)
+        out = run_experts(experts, arrived, *self._arrival_slots(mine))
+        returned = self._exchange(out, send, receive)
+
+        y = torch.zeros_like(x).index_add(0, token[order], returned * gate[order].unsqueeze(1))
+        total_load = load.sum(0)
+        return y, MoEStats(total_load, dropped_count(total_load, cap), int(total_load.sum()))
+
+    def _gather_counts(self, expert: Tensor, valid: Tensor, real: Tensor, num_experts: int) -> Tensor:
+        mine = torch.cat([torch.bincount(expert[valid], minlength=num_experts), real.sum().view(1)])
+        every = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(every, mine, group=self.group)
+        return torch.stack(every)
+
+    @staticmethod
+    def _arrival_slots(mine: Tensor) -> tuple[Tensor, Tensor]:
+        """Rows arrive grouped by source rank, then expert, then token: give each its slot."""
+        sizes = mine.flatten()  # segment (source rank, local expert), rank-major
+        first_slot = (mine.cumsum(0) - mine).flatten()  # slots taken by lower source ranks
+        segment = torch.repeat_interleave(torch.arange(len(sizes), device=mine.device), sizes)
+        segment_start = torch.repeat_interleave(sizes.cumsum(0) - sizes, sizes)
+        within = torch.arange(len(segment), device=mine.device) - segment_start
+        local_expert = segment % mine.shape[1]
+        return local_expert, first_slot[segment] + within
+
+    def _exchange(self, rows: Tensor, receive: list[int], send: list[int]) -> Tensor:
+        out = rows.new_empty(sum(receive), rows.shape[-1])
+        return dist_fn.all_to_all_single(out, rows.contiguous(), receive, send, group=self.group)
+
+    def sum_over_group(self, t: Tensor) -> Tensor:
+        return dist_fn.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)

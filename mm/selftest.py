@@ -1,0 +1,80 @@
+"""Train a tiny MultiModel in-process on generated examples of all five task kinds.
+
+    python -m mm.selftest [--steps 300]
+
+A minute on a laptop CPU, no Ray, no corpus: proof that every modality net, the shared body and
+every head learn. Prints each task's held-out loss (log-perplexity; cross-entropy for classes)
+before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+
+from mm.config import Config, parse_config
+from mm.model import MultiModel
+from mm.synthetic import KINDS, VOCAB_SIZE, SyntheticData, synthetic_tasks
+from mm.train import Trainer
+
+
+def selftest_config(steps: int, seed: int) -> Config:
+    return parse_config(
+        {
+            "name": "selftest",
+            "seed": seed,
+            "model": {"preset": "tiny"},
+            "tasks": [{"name": kind, "kind": kind, "batch_size": 16} for kind in KINDS],
+            "train": {"steps": steps, "lr": 3e-3, "warmup_steps": 30, "mixing": {"strategy": "ratios"}},
+        },
+        source="selftest",
+    )
+
+
+@torch.no_grad()
+def held_out_loss(model: MultiModel, batch) -> float:
+    model.eval()
+    logits = model(batch).logits
+    if logits.dim() == 2:
+        return float(F.cross_entropy(logits, batch.targets))
+    return float(F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=0))
+
+
+def run(steps: int = 300, seed: int = 0, log=print) -> dict[str, tuple[float, float]]:
+    torch.manual_seed(seed)
+    config = selftest_config(steps, seed)
+    tasks = {t.name: t for t in synthetic_tasks()}
+    model = MultiModel(config.model, list(tasks.values()), VOCAB_SIZE)
+    data, held_out = SyntheticData(seed), SyntheticData(seed + 1)
+    dev = {name: held_out.batch(task, 64) for name, task in tasks.items()}
+    before = {name: held_out_loss(model, batch) for name, batch in dev.items()}
+    trainer = Trainer(model, config)
+    for _ in itertools.repeat(None, steps):
+        result = trainer.train_step(lambda name: data.batch(tasks[name], config.task(name).batch_size))
+        if result.step % 50 == 0:
+            log(f"step {result.step:4d}  {result.task:22s} loss {result.loss:.3f}  lr {result.lr:.2e}")
+    return {name: (before[name], held_out_loss(model, batch)) for name, batch in dev.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    console = Console()
+    results = run(args.steps, args.seed, log=console.print)
+    table = Table(title="held-out loss per task")
+    for column in ("task", "before", "after", "before / after"):
+        table.add_column(column, justify="left" if column == "task" else "right")
+    for name, (before, after) in results.items():
+        table.add_row(name, f"{before:.3f}", f"{after:.3f}", f"{before / max(after, 1e-9):.1f}x")
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""One process's training: which task at which step, the optimiser, and the step itself.
+
+Every rank runs the same task at the same step, so that the MoE layers' collectives line up:
+the task of step t is drawn from the mixing distribution with an RNG seeded by (seed, t). The
+mixing distribution is explicit ratios, temperature sampling over corpus sizes (p ∝ n^(1/T)),
+or loss-adaptive (p ∝ smoothed loss^power; the loss is averaged over ranks first, so all
+ranks agree).
+
+Optimiser and schedule follow tensor2tensor's multimodel_base: Adam (β = 0.9, 0.98, ε = 1e-9),
+linear warm-up to the peak learning rate, then inverse-square-root decay.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mm.batch import Batch
+from mm.config import Config, MixingConfig
+from mm.model import MultiModel
+from mm.parallel import Parallel, SingleProcess
+
+
+class TaskSampler:
+    def __init__(
+        self,
+        tasks: list[str],
+        mixing: MixingConfig,
+        seed: int = 0,
+        sizes: dict[str, int] | None = None,
+        ratios: dict[str, float] | None = None,
+    ):
+        self.tasks, self.mixing, self.seed = list(tasks), mixing, seed
+        self.sizes = sizes or {}
+        self.ratios = ratios or {}
+        self.smoothed_loss: dict[str, float] = {}
+
+    def probabilities(self) -> np.ndarray:
+        strategy = self.mixing.strategy
+        if strategy == "ratios":
+            weights = [self.ratios.get(t, 1.0) for t in self.tasks]
+        elif strategy == "temperature":
+            weights = [max(self.sizes.get(t, 1), 1) ** (1 / self.mixing.temperature) for t in self.tasks]
+        else:  # loss_adaptive: tasks not seen yet weigh as much as the worst seen one
+            worst = max(self.smoothed_loss.values(), default=1.0)
+            weights = [self.smoothed_loss.get(t, worst) ** self.mixing.adaptive_power for t in self.tasks]
+        weights = np.asarray(weights, dtype=np.float64)
+        if weights.sum() <= 0:
+            raise ValueError(f"mixing weights sum to zero: {dict(zip(self.tasks, weights))}")
+        return weights / weights.sum()
+
+    def task_at(self, step: int) -> str:
+        rng = np.random.default_rng([self.seed, step])
+        return self.tasks[int(rng.choice(len(self.tasks), p=self.probabilities()))]
+
+    def observe(self, task: str, loss: float) -> None:
+        """Record a task's loss (already averaged over ranks) for loss-adaptive mixing."""
+        decay = self.mixing.adaptive_decay
+        previous = self.smoothed_loss.get(task)
+        self.smoothed_loss[task] = loss if previous is None else decay * previous + (1 - decay) * loss
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"smoothed_loss": dict(self.smoothed_loss), "ratios": dict(self.ratios)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.smoothed_loss = dict(state["smoothed_loss"])
+        self.ratios = dict(state["ratios"])
+
+
+def lr_factor(step: int, warmup: int) -> float:
+    """Linear warm-up for `warmup` steps, then decay as 1/sqrt(step); 1.0 at the peak."""
+    if warmup <= 0:
+        return 1.0
+    step += 1
+    return min(step / warmup, math.sqrt(warmup / step))
+
+
+@dataclass
+class StepLog:
+    step: int  # the step just completed (1-based)
+    task: str
+    loss: float  # the task's own loss, averaged over ranks and micro-batches
+    aux_loss: float
+    lr: float
+    grad_norm: float
+    examples: int  # on this rank
+    seconds: float
+    dropped_fraction: float
+    expert_load: list[list[int]] = field(default_factory=list)  # per MoE layer, tokens per expert
+
+
+class Trainer:
+    """Sampler → batches → forward/backward → gradient sync → clip → optimiser step."""
+
+    def __init__(
+        self,
+        model: MultiModel,
+        config: Config,
+        sizes: dict[str, int] | None = None,
+        parallel: Parallel | None = None,
+        device: torch.device | str = "cpu",
+    ):
+        self.model, self.config, self.device = model, config, torch.device(device)
+        self.parallel = parallel or SingleProcess()
+        train = config.train
+        self.optimizer = torch.optim.Adam(
+            model.parameters(), lr=train.lr, betas=train.betas, eps=train.eps, weight_decay=train.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, train.warmup_steps)
+        )
+        ratios = {t.name: t.mix_weight for t in config.tasks if t.mix_weight is not None}
+        self.sampler = TaskSampler(config.task_names, train.mixing, config.seed, sizes, ratios)
+        self.step = 0
+        self.forward = torch.compile(model) if train.compile else model
+
+    def autocast(self):
+        if self.config.train.precision == "bf16" and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def train_step(self, next_batch: Callable[[str], Batch]) -> StepLog:
+        started = time.perf_counter()
+        self.model.train()
+        task = self.sampler.task_at(self.step)
+        accum = self.config.train.grad_accum
+        task_loss = aux_loss = 0.0
+        examples, stats = 0, []
+        for _ in range(accum):
+            batch = next_batch(task).to(self.device)
+            with self.autocast():
+                out = self.forward(batch)
+            (out.loss / accum).backward()
+            task_loss += float(out.task_losses[task]) / accum
+            aux_loss += float(out.aux_loss.detach()) / accum
+            examples += len(batch)
+            stats = out.moe
+        self.parallel.sync_gradients(self.model)
+        grad_norm = self.parallel.clip_grad_norm(self.model, self.config.train.grad_clip)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        task_loss = self.parallel.mean(task_loss)
+        self.sampler.observe(task, task_loss)
+        self.step += 1
+        return StepLog(
+            step=self.step,
+            task=task,
+            loss=task_loss,
+            aux_loss=aux_loss,
+            lr=lr,
+            grad_norm=grad_norm,
+            examples=examples,
+            seconds=time.perf_counter() - started,
+            dropped_fraction=sum(s.dropped for s in stats) / max(sum(s.assigned for s in stats), 1),
+            expert_load=[s.load.tolist() for s in stats],
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything but the model's weights: the checkpoint module stores those."""
+        return {
+            "step": self.step,
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,31 @@
+"""Shared fixtures. Tests build their own tiny data; `starter` tests use the starter suite."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mm.config import ModelConfig
+from mm.model import MultiModel
+from mm.synthetic import VOCAB_SIZE, SyntheticData, synthetic_tasks
+
+
+@pytest.fixture
+def tasks():
+    return {t.name: t for t in synthetic_tasks()}
+
+
+@pytest.fixture
+def data():
+    return SyntheticData(seed=0)
+
+
+def tiny_model(seed: int = 0, **overrides) -> MultiModel:
+    torch.manual_seed(seed)
+    config = ModelConfig.model_validate({"preset": "tiny", **overrides})
+    return MultiModel(config, synthetic_tasks(), VOCAB_SIZE)
+
+
+@pytest.fixture
+def model():
+    return tiny_model().eval()

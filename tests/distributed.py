@@ -1,0 +1,38 @@
+"""Run a function on W real processes joined by a gloo process group (CPU)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, fn, args) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
+    )
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(fn, world: int, *args) -> None:
+    """`fn(rank, world, *args)` on `world` processes; an exception in any fails the caller."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True)

@@ -1,0 +1,123 @@
+"""Expert parallelism on real processes: the sharded layer computes what the whole layer
+computes on every rank's tokens together, and a training step on 2 or 4 ranks updates the
+parameters exactly as one process does."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from mm.moe import MoE
+from mm.parallel import DataExpertParallel, SingleProcess, split_parameters
+from mm.selftest import selftest_config
+from mm.synthetic import SyntheticData, synthetic_tasks
+from mm.train import Trainer
+
+from conftest import tiny_model
+from distributed import run_distributed
+
+D, HIDDEN, EXPERTS, K = 16, 32, 8, 2
+TOKENS_PER_RANK = [13, 7, 10, 6]  # uneven on purpose: all_to_all splits differ per rank
+TOL = {"atol": 1e-5, "rtol": 1e-5}
+
+
+def whole_and_sharded_layer_agree(rank: int, world: int) -> None:
+    for capacity_factor in (4.0, 0.5):  # nothing dropped; many dropped
+        whole_and_sharded_layer_agree_at(rank, world, capacity_factor)
+
+
+def whole_and_sharded_layer_agree_at(rank: int, world: int, capacity_factor: float) -> None:
+    torch.manual_seed(0)
+    whole = MoE(D, HIDDEN, EXPERTS, K, capacity_factor=capacity_factor).train()
+    counts = TOKENS_PER_RANK[:world]
+    x = torch.randn(sum(counts), D)
+    noise = torch.randn(sum(counts), EXPERTS)
+    weights = torch.randn(sum(counts), D)  # the loss: a random projection of the outputs
+
+    sharded = copy.deepcopy(whole)
+    sharded.shard(dist.group.WORLD)
+    mine = slice(sum(counts[:rank]), sum(counts[: rank + 1]))
+
+    ref = whole(x, noise=noise)
+    ((ref.y * weights).sum() + ref.aux_loss).backward()
+    out = sharded(x[mine], noise=noise[mine])
+    # every rank adds aux / W: the all-reduce's backward sums the ranks' shares back to one
+    ((out.y * weights[mine]).sum() + out.aux_loss / world).backward()
+
+    torch.testing.assert_close(out.y, ref.y[mine], **TOL)
+    torch.testing.assert_close(out.aux_loss, ref.aux_loss, **TOL)
+    assert out.stats.load.tolist() == ref.stats.load.tolist()
+    assert out.stats.dropped == ref.stats.dropped
+    if capacity_factor < 1:
+        assert ref.stats.dropped > 0, "the test should drop tokens"
+    per_rank = EXPERTS // world
+    experts = slice(rank * per_rank, (rank + 1) * per_rank)
+    for name in ("w1", "b1", "w2", "b2"):
+        torch.testing.assert_close(
+            getattr(sharded.experts, name).grad, getattr(whole.experts, name).grad[experts], **TOL
+        )
+    for name in ("w_gate", "w_noise"):  # dense: each rank holds its tokens' share
+        grad = getattr(sharded, name).grad.clone()
+        dist.all_reduce(grad)
+        torch.testing.assert_close(grad, getattr(whole, name).grad, **TOL)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_expert_parallel_layer_equals_the_whole_layer_with_and_without_drops(world):
+    run_distributed(whole_and_sharded_layer_agree, world)
+
+
+def training_step_matches_single_process(rank: int, world: int, expert_parallel: int) -> None:
+    overrides = {"moe": {"noisy_gating": False, "num_experts": 4}}
+    if expert_parallel < world:  # replicas: each group balances and drops on its own tokens
+        overrides["moe"].update(capacity_factor=8.0, balance_coef=0.0)
+    config = selftest_config(steps=1, seed=0)
+    config.train.grad_clip = 0.05  # small enough to clip: the global norm must be right
+    task = next(t for t in synthetic_tasks() if t.kind == "image_captioning")  # fixed-length targets
+    for t in config.tasks:
+        t.mix_weight = 1.0 if t.name == task.name else 0.0
+    batch = SyntheticData(seed=7).batch(task, 4 * world)
+    mine = batch.chunks(world)[rank]
+
+    single = tiny_model(seed=0, **overrides)
+    sharded = copy.deepcopy(single)
+    parallel = DataExpertParallel(expert_parallel)
+    parallel.parallelize(sharded)
+
+    # gradients after sync, and the global norm, equal one process's on the whole batch
+    single(batch).loss.backward()
+    sharded(mine).loss.backward()
+    parallel.sync_gradients(sharded)
+    assert parallel.clip_grad_norm(sharded, None) == pytest.approx(
+        SingleProcess().clip_grad_norm(single, None), rel=1e-5
+    )
+    assert_same_parameters(sharded, single, rank, expert_parallel, grads=True)
+
+    # one full Trainer step (sync, global-norm clipping, Adam) gives the same parameters
+    single.zero_grad(), sharded.zero_grad()
+    Trainer(single, config).train_step(lambda _: batch)
+    Trainer(sharded, config, parallel=parallel).train_step(lambda _: mine)
+    assert_same_parameters(sharded, single, rank, expert_parallel, grads=False)
+
+
+def assert_same_parameters(sharded, single, rank: int, expert_parallel: int, grads: bool) -> None:
+    get = (lambda p: p.grad) if grads else (lambda p: p.detach())
+    dense_sharded, experts_sharded = split_parameters(sharded)
+    dense_single, experts_single = split_parameters(single)
+    for a, b in zip(dense_sharded, dense_single, strict=True):
+        if b.grad is not None or not grads:
+            torch.testing.assert_close(get(a), get(b), atol=2e-5, rtol=1e-4)
+    position = rank % expert_parallel
+    for a, b in zip(experts_sharded, experts_single, strict=True):
+        per_rank = len(b) // expert_parallel
+        torch.testing.assert_close(
+            get(a), get(b)[position * per_rank : (position + 1) * per_rank], atol=2e-5, rtol=1e-4
+        )
+
+
+@pytest.mark.parametrize("world, expert_parallel", [(2, 2), (4, 2)], ids=["2-ranks", "4-ranks-2-replicas"])
+def test_training_step_on_ranks_equals_the_single_process_step(world, expert_parallel):
+    run_distributed(training_step_matches_single_process, world, expert_parallel)

@@ -1,0 +1,61 @@
+"""Metrics against values computed by hand."""
+
+import math
+
+import pytest
+import torch
+
+from mm import metrics as M
+
+
+def test_top1_and_top5_accuracy():
+    ranked = torch.tensor([[3, 1, 2, 0, 4, 5], [0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0]])
+    targets = torch.tensor([3, 4, 0])
+    assert M.accuracy(ranked, targets) == pytest.approx(1 / 3)
+    assert M.top_k_accuracy(ranked, targets, 5) == pytest.approx(2 / 3)  # 0 is 6th in the last row
+
+
+def test_bleu_of_a_perfect_and_of_a_partial_match():
+    assert M.bleu(["the cat sat on the mat ."], ["the cat sat on the mat ."]) == pytest.approx(100.0)
+    # hypothesis 6 words, reference 7: n-gram precisions 5/6, 2/5, 1/4, 1/6; brevity penalty e^(1-7/6)
+    by_hand = math.exp(1 - 7 / 6) * (5 / 6 * 2 / 5 * 1 / 4 * 1 / 6) ** 0.25 * 100
+    assert M.bleu(["the cat is on the mat"], ["there is a cat on the mat"]) == pytest.approx(
+        by_hand, abs=0.01
+    )
+
+
+def test_bleu_takes_several_references_per_example():
+    one = M.bleu(["a brown dog runs home"], [["a cat sleeps on the mat"]])
+    several = M.bleu(["a brown dog runs home"], [["a cat sleeps on the mat", "a brown dog runs home"]])
+    assert several == pytest.approx(100.0) and one < 50
+
+
+def test_word_error_rate():
+    # one substitution in 3 words, one deletion in 2 words: 2 errors / 5 reference words
+    assert M.wer(["the cat sit", "hello"], ["the cat sat", "hello world"]) == pytest.approx(2 / 5)
+    assert M.wer([""], ["two words"]) == pytest.approx(1.0)
+
+
+def test_bracket_f1_on_hand_written_trees():
+    gold = "(S (NP XX XX )NP (VP XX (NP XX XX )NP )VP XX )S"  # S, NP(0,2), VP(2,5), NP(3,5)
+    guess = "(S (NP XX XX )NP (VP XX XX XX )VP XX )S"  # S, NP(0,2), VP(2,5): 3 of 3 right
+    scores = M.bracket_scores([guess], [gold])
+    precision, recall = 3 / 3, 3 / 4
+    assert scores["bracket_f1"] == pytest.approx(100 * 2 * precision * recall / (precision + recall))
+    assert scores["exact_match"] == 0.0
+    assert M.bracket_scores([gold], [gold]) == {"bracket_f1": 100.0, "exact_match": 100.0}
+
+
+def test_bracket_f1_ignores_preterminals_and_tolerates_malformed_output():
+    ptb = "(ROOT (S (NP (DT The) (NN dog)) (VP (VBZ barks)) (. .)))"
+    assert set(M.labeled_spans(ptb)) == {("ROOT", 0, 4), ("S", 0, 4), ("NP", 0, 2), ("VP", 2, 3)}
+    unbalanced = "(S (NP XX XX (VP XX"
+    assert M.bracket_scores([unbalanced], ["(S (NP XX XX ) (VP XX ) )"])["bracket_f1"] < 100
+    assert M.bracket_scores([")) ((", ""], ["(S XX )", "(S XX )"])["bracket_f1"] == 0.0
+
+
+def test_token_accuracy_and_log_perplexity_skip_padding():
+    logits = torch.log(torch.tensor([[[0.7, 0.1, 0.2], [0.1, 0.1, 0.8], [0.9, 0.05, 0.05]]]))
+    targets = torch.tensor([[2, 2, 0]])  # the last position is padding
+    assert M.token_accuracy(logits, targets) == pytest.approx(0.5)
+    assert M.log_perplexity(logits, targets) == pytest.approx(-(math.log(0.2) + math.log(0.8)) / 2, rel=1e-5)

@@ -1,0 +1,212 @@
+"""The MultiModel's parts and the whole: shapes, padding, causality, decoding, learning."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mm.batch import Batch, pad_sequences
+from mm.layers import AttentionBlock, ConvBlock, ConvStep, DecodeState, SeparableConv
+from mm.modalities import AudioInput, ClassOutput, ImageInput, TextInput
+from mm.model import MultiModel, training_flops
+from mm.synthetic import VOCAB_SIZE, SyntheticData
+
+from conftest import tiny_model
+
+# ------------------------------------------------------------------------------------------ shapes
+
+
+def test_image_modality_runs_the_entry_flow_down_to_a_sequence():
+    net = ImageInput(d=48)
+    x, mask = net(torch.randint(0, 255, (2, 28, 28, 1), dtype=torch.uint8))  # grey is repeated to RGB
+    assert x.shape == (2, 2 * 2, 48)  # 28 -> 14 (stride-2 conv) -> 7 -> 4 -> 2
+    assert mask.all()
+    x, _ = net(torch.randint(0, 255, (3, 64, 64, 3), dtype=torch.uint8))
+    assert x.shape == (3, 4 * 4, 48)
+
+
+def test_audio_modality_strides_over_time_only_and_tracks_lengths():
+    net = AudioInput(d=32, bins=80)
+    frames = torch.randn(2, 100, 80)
+    x, mask = net(frames, torch.tensor([100, 37]))
+    assert x.shape == (2, 7, 32)  # 100 -> 50 -> 25 -> 13 -> 7
+    assert mask.sum(1).tolist() == [7, 3]  # 37 -> 19 -> 10 -> 5 -> 3
+
+
+def test_text_modality_scales_embeddings_and_embeds_padding_as_zero():
+    net = TextInput(VOCAB_SIZE, 16)
+    out = net(torch.tensor([[5, 0]]))
+    assert out[0, 1].abs().sum() == 0
+    torch.testing.assert_close(out[0, 0], net.weight[5] * 4.0)
+
+
+def test_class_head_gives_one_logit_vector_per_example():
+    head = ClassOutput(32, num_classes=7)
+    logits = head(torch.randn(3, 9, 32), torch.ones(3, 9, dtype=torch.bool))
+    assert logits.shape == (3, 7)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_blocks_keep_the_sequence_shape(causal):
+    x, mask = torch.randn(2, 11, 32), torch.ones(2, 11, dtype=torch.bool)
+    assert ConvStep(32, 15, 4, causal)(x, mask).shape == x.shape
+    assert ConvBlock(32, [(3, 1), (3, 1), (15, 1), (15, 4)], causal, 0.1)(x, mask).shape == x.shape
+    source = torch.randn(2, 5, 32)
+    block = AttentionBlock(32, 4, [(3, 1), (3, 1), (5, 1), (5, 2)], 0.1, 0.1)
+    assert block(x, mask, source, torch.ones(2, 5, dtype=torch.bool)).shape == x.shape
+
+
+def test_separable_conv_is_depthwise_then_pointwise():
+    conv = SeparableConv(8, 16, kernel=5, dilation=2)
+    assert conv.depthwise.weight.shape == (8, 1, 5)  # one filter per channel
+    assert conv.pointwise.weight.shape == (16, 8, 1)
+    assert conv(torch.randn(1, 8, 20)).shape == (1, 16, 20)
+
+
+def test_every_task_kind_gives_a_loss_and_logits_of_its_output_space(model, tasks, data):
+    for task in tasks.values():
+        batch = data.batch(task, 3)
+        out = model(batch)
+        assert torch.isfinite(out.loss)
+        if task.output_modality == "class":
+            assert out.logits.shape == (3, 10)
+        else:
+            assert out.logits.shape == (*batch.targets.shape, VOCAB_SIZE)
+        assert len(out.moe) == (1 if task.output_modality == "class" else 2)
+
+
+# ----------------------------------------------------------------------------------- padding, causality
+
+
+def padded(batch: Batch, extra_inputs: int, extra_targets: int) -> Batch:
+    if batch.input_lengths is not None:
+        inputs = F.pad(batch.inputs, (0, 0, 0, extra_inputs), value=7.0)  # garbage beyond the length
+    else:
+        inputs = F.pad(batch.inputs, (0, extra_inputs))
+    return Batch(batch.task, inputs, F.pad(batch.targets, (0, extra_targets)), batch.input_lengths)
+
+
+@pytest.mark.parametrize("kind", ["translation", "speech_recognition", "constituency_parsing"])
+def test_extra_padding_changes_no_output_at_real_positions(model, tasks, data, kind):
+    batch = data.batch(tasks[kind], 4)
+    longer = padded(batch, extra_inputs=23, extra_targets=5)
+    real = batch.targets != 0
+    with torch.no_grad():
+        a, b = model(batch), model(longer)
+    torch.testing.assert_close(
+        a.logits[real], b.logits[:, : batch.targets.shape[1]][real], atol=1e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(a.task_losses[kind], b.task_losses[kind], atol=1e-5, rtol=1e-5)
+
+
+def test_encoder_output_is_padding_invariant_for_text(model, tasks, data):
+    batch = data.batch(tasks["translation"], 4)
+    with torch.no_grad():
+        enc_a, mask_a, _, _ = model.encode(batch)
+        enc_b, _, _, _ = model.encode(padded(batch, 17, 0))
+    torch.testing.assert_close(enc_a[mask_a], enc_b[:, : enc_a.shape[1]][mask_a], atol=1e-5, rtol=1e-5)
+
+
+def test_changing_target_token_t_changes_no_decoder_output_before_t(model, tasks, data):
+    batch = data.batch(tasks["translation"], 2)
+    t = 3
+    changed = batch.targets.clone()
+    changed[:, t] = (changed[:, t] + 5) % VOCAB_SIZE
+    with torch.no_grad():
+        a = model(batch).logits
+        b = model(Batch(batch.task, batch.inputs, changed)).logits
+    # the decoder input at position i is target i-1 (the command token first): logits 0..t
+    # do not see target t
+    torch.testing.assert_close(a[:, : t + 1], b[:, : t + 1], atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(a[:, t + 1], b[:, t + 1])
+
+
+# ------------------------------------------------------------------------------------------ decoding
+
+
+def test_incremental_decoding_matches_full_recompute_step_by_step(model, tasks, data):
+    batch = data.batch(tasks["translation"], 3)
+    source, source_mask, _, _ = model.encode(batch)
+    prefix = MultiModel.shift_right(batch.targets, tasks["translation"].command_id)
+    with torch.no_grad():
+        full, _, _ = model.decode(prefix, torch.ones_like(prefix, dtype=torch.bool), source, source_mask)
+        state, steps = DecodeState(), []
+        for i in range(prefix.shape[1]):
+            token = prefix[:, i : i + 1]
+            hidden, _, _ = model.decode(
+                token, torch.ones_like(token, dtype=torch.bool), source, source_mask, state
+            )
+            steps.append(hidden)
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_incremental_generation_returns_the_same_tokens_as_full_recompute(tasks, data, beam):
+    model = tiny_model(seed=3).eval()
+    with torch.no_grad():  # push EOS down so the untrained model writes something
+        model.text_out.bias[1] -= 5.0
+    batch = data.batch(tasks["constituency_parsing"], 4)
+    incremental = model.generate(batch, max_len=12, beam=beam)
+    recomputed = model.generate(batch, max_len=12, beam=beam, incremental=False)
+    assert incremental == recomputed
+    assert all(len(row) > 0 for row in incremental)
+
+
+def test_beam_search_scores_at_least_as_well_as_greedy(tasks, data):
+    model = tiny_model(seed=4).eval()
+    batch = data.batch(tasks["translation"], 4)
+
+    def log_prob(outputs):
+        targets = pad_sequences([row + [1] for row in outputs])
+        with torch.no_grad():
+            logits = model(Batch(batch.task, batch.inputs, targets)).logits.log_softmax(-1)
+        picked = logits.gather(2, targets.unsqueeze(-1)).squeeze(-1) * (targets != 0)
+        return picked.sum(1)
+
+    greedy, beam = model.generate(batch, max_len=10), model.generate(batch, max_len=10, beam=4)
+    # length normalisation can prefer a longer, slightly less likely output; allow for it
+    assert (log_prob(beam) >= log_prob(greedy) - 1.0).all()
+
+
+def test_classify_returns_ranked_classes_with_probabilities(model, tasks, data):
+    probs, classes = model.classify(data.batch(tasks["image_classification"], 4), topk=5)
+    assert classes.shape == probs.shape == (4, 5)
+    assert (probs[:, :-1] >= probs[:, 1:]).all()
+    assert (probs.sum(1) <= 1.0 + 1e-6).all()
+
+
+# ------------------------------------------------------------------------------------------ learning
+
+
+def test_tiny_multimodel_overfits_a_handful_of_examples_of_every_task_kind(tasks):
+    """Every head learns: each task's loss falls by 5x or more within a few hundred steps."""
+    torch.manual_seed(0)
+    model = tiny_model(seed=0, label_smoothing=0.0).train()
+    data = SyntheticData(seed=1)
+    examples = {name: data.batch(task, 8) for name, task in tasks.items()}
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+
+    def losses():
+        model.eval()
+        with torch.no_grad():
+            result = {name: float(model(b).task_losses[name]) for name, b in examples.items()}
+        model.train()
+        return result
+
+    before = losses()
+    for step in range(300):
+        name = list(examples)[step % len(examples)]
+        out = model(examples[name])
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    after = losses()
+    for name in tasks:
+        assert before[name] / after[name] >= 5, f"{name}: {before[name]:.3f} -> {after[name]:.3f}"
+
+
+def test_flop_count_grows_with_the_model(tasks, data):
+    batch = data.batch(tasks["translation"], 2)
+    small = training_flops(tiny_model(), batch)
+    wide = training_flops(tiny_model(d_model=128), batch)
+    assert small > 1e5
+    assert wide > 2 * small
