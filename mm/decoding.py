@@ -15,9 +15,18 @@ from torch import Tensor
 from mm.layers import DecodeState
 
 Step = Callable[[Tensor, DecodeState], Tensor]
+# Whether every process is done, given whether this one is. Expert-parallel ranks must take the
+# same number of steps (each step's MoE layers exchange tokens), so they stop together.
+AllDone = Callable[[bool], bool]
 
 
-def greedy_search(step: Step, state: DecodeState, first: Tensor, max_len: int, eos: int) -> list[list[int]]:
+def _alone(done: bool) -> bool:
+    return done
+
+
+def greedy_search(
+    step: Step, state: DecodeState, first: Tensor, max_len: int, eos: int, all_done: AllDone = _alone
+) -> list[list[int]]:
     """Take the most likely token until every row has produced EOS or max_len tokens."""
     tokens, done = first, torch.zeros_like(first, dtype=torch.bool)
     outputs: list[Tensor] = []
@@ -25,7 +34,7 @@ def greedy_search(step: Step, state: DecodeState, first: Tensor, max_len: int, e
         tokens = step(tokens, state).argmax(-1)
         outputs.append(tokens)
         done |= tokens == eos
-        if bool(done.all()):
+        if all_done(bool(done.all())):
             break
     return [_until_eos(row, eos) for row in torch.stack(outputs, 1).tolist()]
 
@@ -38,6 +47,7 @@ def beam_search(
     eos: int,
     beam: int,
     alpha: float = 0.6,
+    all_done: AllDone = _alone,
 ) -> list[list[int]]:
     """Beam search with GNMT length normalisation ((5 + length) / 6) ** alpha.
 
@@ -63,7 +73,7 @@ def beam_search(
         tokens = token.gather(1, pick).view(-1)
         sequences = torch.cat([sequences[rows], tokens[:, None]], dim=1)
         state.reorder(rows)
-        if _search_is_over(finished, scores, beam, max_len, alpha):
+        if all_done(_search_is_over(finished, scores, beam, max_len, alpha)):
             break
     return [_best(finished[b], scores[b], sequences.view(batch, beam, -1)[b], eos) for b in range(batch)]
 

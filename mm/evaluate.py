@@ -3,6 +3,10 @@
 Class tasks: top-1 and top-5 accuracy. Text tasks: log-perplexity and per-token accuracy under
 teacher forcing, then the task's own metric (BLEU, WER, bracket F1 / exact match) on decoded
 outputs, against the raw reference text when the batch carries it.
+
+With several ranks each scores its own examples (every rank the same number of batches: the
+MoE layers exchange tokens at every forward); sums and decoded outputs are combined over the
+ranks, so every rank returns the corpus-level scores.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch.nn.functional as F
 from mm import metrics as M
 from mm.batch import EOS, Batch
 from mm.model import MultiModel
+from mm.parallel import Parallel, SingleProcess
 
 DECODED_METRICS = {"bleu", "wer", "bracket_f1", "exact_match"}
 
@@ -34,57 +39,67 @@ def evaluate_task(
     detokenize: Detokenize = default_detokenize,
     max_len: int = 64,
     beam: int = 1,
+    parallel: Parallel | None = None,
 ) -> dict[str, float]:
+    parallel = parallel or SingleProcess()
     was_training = model.training
     model.eval()
     try:
         if model.tasks[task].output_modality == "class":
-            return _score_classes(model, batches, metric_names)
-        return _score_text(model, batches, metric_names, detokenize, max_len, beam)
+            return _score_classes(model, batches, metric_names, parallel)
+        return _score_text(model, batches, metric_names, detokenize, max_len, beam, parallel)
     finally:
         model.train(was_training)
 
 
-def _score_classes(model: MultiModel, batches: Iterable[Batch], metric_names: list[str]) -> dict[str, float]:
-    top, targets = [], []
+def _score_classes(model: MultiModel, batches: Iterable[Batch], metric_names, parallel) -> dict[str, float]:
+    top1 = top5 = examples = 0.0
     for batch in batches:
-        top.append(model.classify(batch, topk=5)[1])
-        targets.append(batch.targets)
-    top_classes, target = torch.cat(top), torch.cat(targets)
-    scores = {"accuracy": M.accuracy(top_classes, target), "top5": M.top_k_accuracy(top_classes, target, 5)}
+        top = model.classify(batch, topk=5)[1]
+        top1 += M.accuracy(top, batch.targets) * len(batch)
+        top5 += M.top_k_accuracy(top, batch.targets, 5) * len(batch)
+        examples += len(batch)
+    top1, top5, examples = parallel.sum([top1, top5, examples])
+    scores = {"accuracy": top1 / max(examples, 1), "top5": top5 / max(examples, 1)}
     return {name: scores[name] for name in metric_names if name in scores}
 
 
-def _score_text(model, batches, metric_names, detokenize, max_len, beam) -> dict[str, float]:
+def _score_text(model, batches, metric_names, detokenize, max_len, beam, parallel) -> dict[str, float]:
     nll = correct = tokens = 0.0
     hypotheses: list[str] = []
     references: list = []
     decode = bool(DECODED_METRICS & set(metric_names))
     for batch in batches:
         logits = model(batch).logits.float()
-        real = batch.targets != 0
+        targets = batch.targets
+        real = targets != 0
         nll += float(
-            F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=0, reduction="sum")
+            F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=0, reduction="sum")
         )
-        correct += float(((logits.argmax(-1) == batch.targets) & real).sum())
+        correct += float(((logits.argmax(-1) == targets) & real).sum())
         tokens += float(real.sum())
         if decode:
-            hypotheses += [detokenize(ids) for ids in model.generate(batch, max_len=max_len, beam=beam)]
-            references += batch.references or [detokenize(_strip(row)) for row in batch.targets.tolist()]
+            outputs = model.generate(batch, max_len=max_len, beam=beam, all_done=parallel.all_done)
+            hypotheses += [detokenize(ids) for ids in outputs]
+            references += batch.references or [detokenize(_strip(row)) for row in targets.tolist()]
+    nll, correct, tokens = parallel.sum([nll, correct, tokens])
     scores = {"log_ppl": nll / max(tokens, 1), "token_accuracy": correct / max(tokens, 1)}
     if decode:
+        hypotheses = [h for part in parallel.gather(hypotheses) for h in part]
+        references = [r for part in parallel.gather(references) for r in part]
         scores.update(_decoded_scores(hypotheses, references, metric_names))
     return {name: scores[name] for name in metric_names if name in scores}
 
 
 def _decoded_scores(hypotheses: list[str], references: list, metric_names: list[str]) -> dict[str, float]:
     scores: dict[str, float] = {}
+    first = [r if isinstance(r, str) else r[0] for r in references]  # COCO rows carry several
     if "bleu" in metric_names:
         scores["bleu"] = M.bleu(hypotheses, references)
     if "wer" in metric_names:
-        scores["wer"] = M.wer(hypotheses, [r if isinstance(r, str) else r[0] for r in references])
+        scores["wer"] = M.wer(hypotheses, first)
     if {"bracket_f1", "exact_match"} & set(metric_names):
-        scores.update(M.bracket_scores(hypotheses, references))
+        scores.update(M.bracket_scores(hypotheses, first))
     return scores
 
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from mm.batch import EOS, Batch
 from mm.config import ModelConfig
-from mm.decoding import beam_search, greedy_search
+from mm.decoding import AllDone, beam_search, greedy_search
 from mm.layers import AttentionBlock, ConvBlock, DecodeState
 from mm.modalities import AudioInput, ClassOutput, ImageInput, TextInput
 from mm.moe import MoE, MoEStats
@@ -216,10 +216,16 @@ class MultiModel(nn.Module):
 
     @torch.no_grad()
     def generate(
-        self, batch: Batch, max_len: int = 64, beam: int = 1, incremental: bool = True
+        self,
+        batch: Batch,
+        max_len: int = 64,
+        beam: int = 1,
+        incremental: bool = True,
+        all_done: AllDone | None = None,
     ) -> list[list[int]]:
         """Token ids of each example's output, EOS excluded. `incremental=False` recomputes the
-        whole prefix at every step instead of continuing from cached state (for comparison)."""
+        whole prefix at every step instead of continuing from cached state (for comparison).
+        With experts on several ranks, `all_done` makes the ranks stop together."""
         encoded, mask, _, _ = self.encode(batch)
         if beam > 1:
             encoded, mask = encoded.repeat_interleave(beam, 0), mask.repeat_interleave(beam, 0)
@@ -229,9 +235,10 @@ class MultiModel(nn.Module):
         def step(tokens: Tensor, state: DecodeState) -> Tensor:
             return decode_step(tokens, state, encoded, mask)
 
+        sync = {} if all_done is None else {"all_done": all_done}
         if beam > 1:
-            return beam_search(step, DecodeState(), first, max_len, EOS, beam)
-        return greedy_search(step, DecodeState(), first, max_len, EOS)
+            return beam_search(step, DecodeState(), first, max_len, EOS, beam, **sync)
+        return greedy_search(step, DecodeState(), first, max_len, EOS, **sync)
 
     def _next_token(self, tokens: Tensor, state: DecodeState, source: Tensor, source_mask: Tensor) -> Tensor:
         new = tokens.unsqueeze(1)

@@ -16,7 +16,7 @@ Clipping uses the global norm: every dense gradient once, every expert's once.
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -33,6 +33,9 @@ class Parallel(Protocol):
     def sync_gradients(self, model: nn.Module) -> None: ...
     def clip_grad_norm(self, model: nn.Module, max_norm: float | None) -> float: ...
     def mean(self, value: float) -> float: ...
+    def sum(self, values: list[float]) -> list[float]: ...
+    def gather(self, obj: Any) -> list[Any]: ...
+    def all_done(self, done: bool) -> bool: ...
 
 
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -70,6 +73,15 @@ class SingleProcess:
 
     def mean(self, value: float) -> float:
         return value
+
+    def sum(self, values: list[float]) -> list[float]:
+        return list(values)
+
+    def gather(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def all_done(self, done: bool) -> bool:
+        return done
 
 
 class DataExpertParallel:
@@ -135,6 +147,18 @@ class DataExpertParallel:
         return norm
 
     def mean(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        return self.sum([value])[0] / self.world
+
+    def sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
-        return float(t) / self.world
+        return t.tolist()
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's `obj` (small Python objects: decoded outputs for corpus metrics)."""
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def all_done(self, done: bool) -> bool:
+        return self.sum([0.0 if done else 1.0])[0] == 0.0

@@ -136,6 +136,8 @@ class Trainer:
         examples, stats = 0, []
         for _ in range(accum):
             batch = next_batch(task).to(self.device)
+            if batch.task != task:
+                raise ValueError(f"step {self.step}: asked for a {task!r} batch, got {batch.task!r}")
             with self.autocast():
                 out = self.forward(batch)
             (out.loss / accum).backward()
@@ -176,7 +178,33 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # the scheduler's state names the current rate; the optimiser must use it too
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
+            group["lr"] = lr
         self.sampler.load_state_dict(state["sampler"])
+
+
+def fit(
+    trainer: Trainer,
+    next_batch: Callable[[str], Batch],
+    on_step: Callable[[StepLog], None] | None = None,
+    evaluate: Callable[[int], dict[str, float]] | None = None,
+    save: Callable[[int, dict[str, float] | None], None] | None = None,
+) -> None:
+    """The training loop: steps until `train.steps`, evaluating every `eval_every` steps and
+    checkpointing every `checkpoint_every` steps and at the end. Starts at `trainer.step`, so
+    a resumed trainer continues where its checkpoint stopped."""
+    train = trainer.config.train
+    while trainer.step < train.steps:
+        log = trainer.train_step(next_batch)
+        if on_step is not None:
+            on_step(log)
+        last = trainer.step == train.steps
+        metrics = None
+        if evaluate is not None and (trainer.step % train.eval_every == 0 or last):
+            metrics = evaluate(trainer.step)
+        if save is not None and (trainer.step % train.checkpoint_every == 0 or last):
+            save(trainer.step, metrics)
 
 
 def count_parameters(model: nn.Module) -> int:
