@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import statistics
 import time
 from collections.abc import Callable
@@ -33,3 +34,10 @@ def compare(
 
 def emit(result: dict) -> None:
     print(json.dumps(result), flush=True)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on now (for a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -139,6 +139,8 @@ class CorpusConfig(Section):
     target_lang: str | None = None
     # split name -> folder or file prefix inside `path`
     splits: dict[str, str] = {"train": "train", "dev": "dev", "test": "test"}
+    # image tasks: side of the square images stored in the shards; None = data.image_size
+    image_size: int | None = Field(None, ge=8)
 
 
 class TaskConfig(Section):
@@ -175,6 +177,8 @@ class TaskConfig(Section):
 class DataConfig(Section):
     shards: Path = Path("shards")
     vocab_size: int = Field(8000, ge=16)
+    # sentences the vocabulary is trained on, shared equally by the tasks that have text
+    vocab_sample: int = Field(200_000, ge=1)
     image_size: int = Field(28, ge=8)
     sample_rate: int = Field(16000, ge=1000)
     mel_bins: int = Field(80, ge=8)
@@ -211,6 +215,32 @@ class TrainConfig(Section):
     compile: bool = False
 
 
+class ClusterConfig(Section):
+    """Where and how wide training runs (Ray Train)."""
+
+    workers: int = Field(2, ge=1)
+    min_workers: int | None = Field(None, ge=1, description="elastic: shrink down to this many")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool = False
+    expert_parallel: int | None = Field(None, ge=1, description="ranks sharing one copy of the experts")
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint")
+    storage_path: Path = Path("runs")
+    checkpoints_to_keep: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _elastic_bounds(self) -> ClusterConfig:
+        if self.min_workers is not None and self.min_workers > self.workers:
+            raise ValueError(f"min_workers={self.min_workers} is larger than workers={self.workers}")
+        return self
+
+
+class MLflowConfig(Section):
+    tracking_uri: str = "sqlite:///mlruns.db"
+    experiment: str | None = Field(None, description="default: the config's name")
+    model_name: str | None = Field(None, description="registered model; default: the config's name")
+    artifact_location: str | None = Field(None, description="for a new experiment; default ./mlartifacts")
+
+
 class Config(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
@@ -218,6 +248,8 @@ class Config(Section):
     tasks: list[TaskConfig]
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    mlflow: MLflowConfig = MLflowConfig()
 
     @field_validator("tasks")
     @classmethod
@@ -239,6 +271,15 @@ class Config(Section):
     @property
     def task_names(self) -> list[str]:
         return [t.name for t in self.tasks]
+
+    @model_validator(mode="after")
+    def _experts_divide(self) -> Config:
+        experts, ranks = self.model.moe.num_experts, self.cluster.expert_parallel
+        if ranks is not None and experts % ranks:
+            raise ValueError(
+                f"model.moe.num_experts={experts} is not divisible by cluster.expert_parallel={ranks}"
+            )
+        return self
 
     @property
     def command_tokens(self) -> list[str]:

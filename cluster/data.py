@@ -1,0 +1,173 @@
+"""Shards into training batches: Ray Datasets for the driver, endless per-task batch streams
+for the workers, and small evaluation slices.
+
+The driver opens one Ray Dataset per task (`train_datasets`); Ray Train splits each across the
+workers (`ray.train.get_dataset_shard(task)`); a worker turns its share into an endless stream
+of `Batch`es, epoch after epoch (`TaskStream`). Batches hold `batch_size` examples, or with
+`train.batch_by: tokens` as many examples as fit `batch_size` tokens (padded length x rows).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from mm.batch import Batch
+from mm.config import Config
+from mm.shards import COLUMNS, Manifest, ShardError, collate, load_manifest, part_files
+from mm.tasks import TaskSpec
+from mm.vocab import Vocabulary
+
+Rows = dict[str, np.ndarray]
+
+
+def load_manifests(config: Config) -> dict[str, Manifest]:
+    """Every configured task's manifest; a task without shards is an error naming it."""
+    return {task.name: load_manifest(config.data.shards, task.name) for task in config.tasks}
+
+
+def check_shards(config: Config, vocab: Vocabulary, manifests: Mapping[str, Manifest]) -> None:
+    """Shards must exist for the training split and be made with this vocabulary."""
+    for task in config.tasks:
+        manifest = manifests[task.name]
+        if manifest.rows("train") == 0 or not part_files(config.data.shards, task.name, "train"):
+            raise ShardError(
+                f"task {task.name!r} has no training shards under {config.data.shards}/{task.name}"
+            )
+        if manifest.vocab_sha256 != vocab.sha256:
+            raise ShardError(
+                f"task {task.name!r}: shards were made with vocabulary {manifest.vocab_sha256[:12]}, "
+                f"not {vocab.sha256[:12]} ({config.data.shards}/vocab.model); run `mm prepare --force`"
+            )
+
+
+def train_datasets(config: Config) -> dict[str, Any]:
+    """One Ray Dataset per task over its training parts (the driver's side)."""
+    import ray.data
+
+    return {
+        task.name: ray.data.read_parquet([str(p) for p in part_files(config.data.shards, task.name, "train")])
+        for task in config.tasks
+    }
+
+
+class TaskStream:
+    """Endless batches of one task from an iterable of row batches that can be restarted
+    (a Ray DataIterator shard, or parquet files), one epoch after another."""
+
+    def __init__(
+        self, spec: TaskSpec, epochs, batch_size: int, by_tokens: bool, max_input: int | None = None
+    ):
+        self.spec, self.epochs = spec, epochs  # epochs(): a fresh iterator over row batches
+        self.batch_size, self.by_tokens, self.max_input = batch_size, by_tokens, max_input
+        self.rows: Iterator[Rows] = iter(())
+        self.pending: Rows | None = None
+        self.epoch = 0
+
+    def __next__(self) -> Batch:
+        rows = self._take_rows()
+        return collate(self.spec, rows, self.max_input)
+
+    def _take_rows(self) -> Rows:
+        if not self.by_tokens:
+            return self._next_chunk()
+        chunk = self.pending if self.pending is not None else self._next_chunk()
+        take = rows_within_token_budget(chunk, self.batch_size)
+        self.pending = _slice(chunk, take, None) if take < _length(chunk) else None
+        return _slice(chunk, 0, take)
+
+    def _next_chunk(self) -> Rows:
+        for _ in range(2):  # the current epoch, else one fresh epoch
+            chunk = next(self.rows, None)
+            if chunk is not None and _length(chunk):
+                return chunk
+            self.epoch += 1
+            self.rows = iter(self.epochs())
+        raise ShardError(f"task {self.spec.name!r}: its training data yields no rows")
+
+
+def rows_within_token_budget(rows: Rows, budget: int) -> int:
+    """How many leading rows fit `budget` tokens once padded to the longest (at least one)."""
+    lengths = [
+        max(len(i), len(t) if hasattr(t, "__len__") else 1) for i, t in zip(rows["inputs"], rows["targets"])
+    ]
+    longest = 0
+    for n, length in enumerate(lengths, start=1):
+        longest = max(longest, length)
+        if n * longest > budget:
+            return max(n - 1, 1)
+    return len(lengths)
+
+
+def _length(rows: Rows) -> int:
+    return len(rows["id"])
+
+
+def _slice(rows: Rows, start: int, stop: int | None) -> Rows:
+    return {key: value[start:stop] for key, value in rows.items()}
+
+
+def ray_stream(
+    spec: TaskSpec, shard, batch_size: int, by_tokens: bool, max_input: int | None, seed: int
+) -> TaskStream:
+    """A worker's stream over its Ray Train dataset shard, shuffled locally."""
+    fetch = 256 if by_tokens else batch_size
+
+    def epochs():
+        return shard.iter_batches(
+            batch_size=fetch,
+            batch_format="numpy",
+            drop_last=not by_tokens,
+            local_shuffle_buffer_size=max(4 * fetch, 256),
+            local_shuffle_seed=seed,
+        )
+
+    return TaskStream(spec, epochs, batch_size, by_tokens, max_input)
+
+
+def parquet_stream(
+    spec: TaskSpec, files: list[Path], batch_size: int, by_tokens: bool, max_input: int | None = None
+):
+    """The same stream read straight from parquet, in a plain process (no Ray)."""
+    fetch = 256 if by_tokens else batch_size
+
+    def epochs():
+        for path in files:
+            for record_batch in pq.ParquetFile(path).iter_batches(batch_size=fetch, columns=list(COLUMNS)):
+                yield {name: _objects(values) for name, values in record_batch.to_pydict().items()}
+
+    return TaskStream(spec, epochs, batch_size, by_tokens, max_input)
+
+
+def read_rows(root: str | Path, task: str, split: str, limit: int) -> Rows:
+    """The first `limit` rows of a split (evaluation sets are small)."""
+    taken: dict[str, list] = {name: [] for name in COLUMNS}
+    count = 0
+    for path in part_files(root, task, split):
+        for record_batch in pq.ParquetFile(path).iter_batches(batch_size=256, columns=list(COLUMNS)):
+            for name, values in record_batch.to_pydict().items():
+                taken[name].extend(values[: limit - count])
+            count = len(taken["id"])
+            if count >= limit:
+                return {name: _objects(values) for name, values in taken.items()}
+    return {name: _objects(values) for name, values in taken.items()}
+
+
+def _objects(values: list) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
+def evaluation_batches(spec: TaskSpec, rows: Rows, rank: int, world: int, batch_size: int) -> list[Batch]:
+    """This rank's share of an evaluation set, cut so every rank has the same number of
+    batches (the MoE layers exchange tokens at every forward pass)."""
+    per_rank = _length(rows) // world
+    mine = _slice(rows, rank * per_rank, (rank + 1) * per_rank)
+    return [
+        collate(spec, _slice(mine, start, start + batch_size)) for start in range(0, per_rank, batch_size)
+    ]

@@ -1,0 +1,139 @@
+"""`mm train`: a Ray Train job that trains the MultiModel from a config.
+
+Everything that can be wrong is checked on the driver before a worker starts: the shards
+exist for every task and were made with the current vocabulary (and the one of the checkpoint
+to resume), the experts divide over the expert-parallel ranks, the cluster can place the
+workers, the tracking server answers. Then a `TorchTrainer` runs `cluster.worker.train_worker`
+on every worker, restarts the group from its latest checkpoint after a failure
+(`cluster.max_failures`), and the driver logs the final checkpoint to the MLflow run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cluster.data import check_shards, load_manifests, train_datasets
+from cluster.tracking import client, resolve_tracking_uri, start_run
+from mm.checkpoint import CheckpointError, read_vocab
+from mm.config import Config
+from mm.shards import VOCAB
+from mm.vocab import Vocabulary
+
+
+class JobError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainingResult:
+    run_id: str
+    tracking_uri: str
+    checkpoint: Path | None
+    metrics: dict[str, Any]
+    seconds: float
+
+
+def connect(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join the cluster at `address` (or RAY_ADDRESS), else start a local Ray whose dashboard
+    listens on 127.0.0.1 only."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", include_dashboard=False)
+
+
+def check_resources(config: Config) -> None:
+    """More workers than the cluster can place would wait forever: say so instead."""
+    import ray
+
+    cluster = config.cluster
+    needed = cluster.min_workers or cluster.workers
+    available = ray.cluster_resources()
+    if cluster.use_gpu and available.get("GPU", 0) < needed:
+        raise JobError(f"{needed} workers need {needed} GPUs; the cluster has {available.get('GPU', 0):g}")
+    cpus = needed * cluster.cpus_per_worker
+    if available.get("CPU", 0) < cpus:
+        raise JobError(
+            f"{needed} workers x {cluster.cpus_per_worker:g} CPU need {cpus:g} CPUs; the cluster has "
+            f"{available.get('CPU', 0):g} (lower cluster.workers or cluster.cpus_per_worker)"
+        )
+
+
+def check_checkpoint_vocab(checkpoint: Path, vocab: Vocabulary) -> None:
+    if not checkpoint.is_dir():
+        raise JobError(f"--resume {checkpoint}: no such checkpoint directory")
+    saved = read_vocab(checkpoint)
+    if saved is not None and Vocabulary(saved).sha256 != vocab.sha256:
+        raise CheckpointError(
+            f"{checkpoint} was trained with another vocabulary than {VOCAB} of the shards; "
+            "resume with the shards it was trained on"
+        )
+
+
+def train(config: Config, address: str | None = None, resume: str | Path | None = None) -> TrainingResult:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    started = time.time()
+    vocab = Vocabulary.load(Path(config.data.shards) / VOCAB)
+    manifests = load_manifests(config)
+    check_shards(config, vocab, manifests)
+    if resume is not None:
+        check_checkpoint_vocab(Path(resume), vocab)
+    connect(address)
+    check_resources(config)
+    uri = resolve_tracking_uri(config.mlflow.tracking_uri)
+    run_id = start_run(uri, config)
+
+    cluster = config.cluster
+    workers = (cluster.min_workers, cluster.workers) if cluster.min_workers else cluster.workers
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={
+            "config": config.model_dump(mode="json"),
+            "vocab": vocab.proto,
+            "manifests": {name: m.model_dump(mode="json") for name, m in manifests.items()},
+            "tracking_uri": uri,
+            "run_id": run_id,
+            "resume": str(Path(resume).absolute()) if resume else None,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=workers,
+            use_gpu=cluster.use_gpu,
+            resources_per_worker={"CPU": cluster.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=str(Path(cluster.storage_path).absolute()),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cluster.checkpoints_to_keep),
+            failure_config=ray.train.FailureConfig(max_failures=cluster.max_failures),
+        ),
+        datasets=train_datasets(config),
+    )
+    try:
+        result = trainer.fit()
+    except Exception:
+        client(uri).set_terminated(run_id, status="FAILED")
+        raise
+    checkpoint = Path(result.checkpoint.path) if result.checkpoint else None
+    mlflow = client(uri)
+    if checkpoint is not None:
+        mlflow.log_artifacts(run_id, str(checkpoint), "checkpoint")
+    mlflow.set_terminated(run_id)
+    return TrainingResult(run_id, uri, checkpoint, dict(result.metrics or {}), time.time() - started)
+
+
+def _train_worker(loop_config: dict[str, Any]) -> None:
+    # imported inside the worker: the driver need not import torch's training stack twice
+    from cluster.worker import train_worker
+
+    train_worker(loop_config)

@@ -1,0 +1,97 @@
+"""MLflow for training runs: one experiment per config name, one run per training job.
+
+The driver resolves the tracking URI (a relative sqlite path becomes absolute, so workers in
+other directories write to the same database; an http server must answer, or the job stops
+before it starts — never a silent fall-back to a local file store), creates the run and logs
+the flattened config. Rank 0 then logs metrics into that run. It holds them back until the
+checkpoint that covers them is saved: a worker group restarted from that checkpoint replays
+the steps after it, and they are logged once, by the replay.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from mm.config import Config, flatten
+
+
+class TrackingError(RuntimeError):
+    pass
+
+
+def resolve_tracking_uri(uri: str) -> str:
+    """sqlite:///relative.db -> sqlite:////abs/relative.db; http(s) must answer /health."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri[len("sqlite:///") :]).absolute())
+    if uri.startswith(("http://", "https://")):
+        check_server(uri)
+    return uri
+
+
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            if response.status != 200:
+                raise TrackingError(f"MLflow tracking server {uri} answered {response.status} on /health")
+    except (urllib.error.URLError, OSError) as err:
+        raise TrackingError(
+            f"MLflow tracking server {uri} is unreachable ({err}); start it or set mlflow.tracking_uri"
+        ) from None
+
+
+def client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(uri: str, config: Config) -> str:
+    name = config.mlflow.experiment or config.name
+    mlflow = client(uri)
+    found = mlflow.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = config.mlflow.artifact_location or Path("mlartifacts").absolute().as_uri()
+    return mlflow.create_experiment(name, artifact_location=location)
+
+
+def start_run(uri: str, config: Config, run_name: str | None = None, parent_run_id: str | None = None) -> str:
+    """Create the run (nested under `parent_run_id` for a sweep's trials) and log the config."""
+    from mlflow.entities import Param
+
+    mlflow = client(uri)
+    tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
+    run = mlflow.create_run(experiment_id(uri, config), run_name=run_name or config.name, tags=tags)
+    params = [Param(key[:250], _param_value(value)) for key, value in flatten(config).items()]
+    for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+        mlflow.log_batch(run.info.run_id, params=params[start : start + 100])
+    mlflow.log_dict(run.info.run_id, config.model_dump(mode="json"), "config.json")
+    return run.info.run_id
+
+
+def _param_value(value: Any) -> str:
+    return str(value)[:6000]
+
+
+class MetricsBuffer:
+    """Rank 0's metrics, written to MLflow when the checkpoint that covers them is saved."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri, self.run_id = uri, run_id
+        self.pending: list[Any] = []
+
+    def add(self, step: int, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.pending += [Metric(key, float(value), now, step) for key, value in metrics.items()]
+
+    def commit(self) -> None:
+        mlflow = client(self.uri)
+        for start in range(0, len(self.pending), 1000):
+            mlflow.log_batch(self.run_id, metrics=self.pending[start : start + 1000])
+        self.pending = []

@@ -1,0 +1,222 @@
+"""The function every Ray Train worker runs: one rank of the MultiModel's training.
+
+Each rank builds the same model (same seed), keeps its share of the experts, resumes from
+Ray Train's latest checkpoint when there is one (re-sharding the experts if the worker group
+changed size), then runs `mm.train.fit` over its share of every task's shards. Rank 0 prints
+the progress line and logs to MLflow; every rank takes part in evaluation and checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+from cluster.data import evaluation_batches, ray_stream, read_rows
+from cluster.tracking import MetricsBuffer
+from mm.build import task_specs
+from mm.checkpoint import load_checkpoint, save_checkpoint
+from mm.config import Config, parse_config
+from mm.evaluate import evaluate_task
+from mm.model import MultiModel
+from mm.parallel import DataExpertParallel, SingleProcess
+from mm.shards import Manifest
+from mm.train import StepLog, Trainer, fit
+from mm.vocab import Vocabulary
+
+
+def expert_parallel_size(world: int, num_experts: int, configured: int | None) -> int:
+    """Ranks that share one copy of the experts: the configured size, or the whole worker group,
+    cut down to what divides both the group and the experts (an elastic group can be any size)."""
+    return math.gcd(math.gcd(configured or world, world), num_experts)
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    import ray.data
+    import ray.train
+    import ray.train.torch
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # rank 0 prints its own line
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    config = parse_config(loop_config["config"], source="job config")
+    vocab = Vocabulary(loop_config["vocab"])
+    manifests = {name: Manifest.model_validate(m) for name, m in loop_config["manifests"].items()}
+    specs = task_specs(config, vocab, manifests)
+    device = ray.train.torch.get_device() if config.cluster.use_gpu else torch.device("cpu")
+    torch.set_num_threads(max(1, int(config.cluster.cpus_per_worker)))
+
+    torch.manual_seed(config.seed)  # every rank starts from the same weights
+    model = MultiModel(config.model, specs, vocab.size)
+    parallel = SingleProcess()
+    if world > 1:
+        ep_size = expert_parallel_size(world, config.model.moe.num_experts, config.cluster.expert_parallel)
+        parallel = DataExpertParallel(ep_size, device)
+        parallel.parallelize(model)
+    model.to(device)
+    sizes = {name: m.rows("train") for name, m in manifests.items()}
+    trainer = Trainer(model, config, sizes, parallel, device)
+    resumed_from = _resume(trainer, loop_config.get("resume"))
+
+    streams = {
+        spec.name: ray_stream(
+            spec,
+            ray.train.get_dataset_shard(spec.name),
+            config.task(spec.name).batch_size,
+            config.train.batch_by == "tokens",
+            config.task(spec.name).max_input_length,
+            seed=config.seed + rank,
+        )
+        for spec in specs
+    }
+    run = _Run(config, trainer, vocab, specs, rank, world, loop_config)
+    if rank == 0 and resumed_from is not None:
+        print(f"[mm] resumed at step {trainer.step} with {world} workers from {resumed_from}", flush=True)
+        run.metrics.add(trainer.step, {"train/resumed_at_step": trainer.step, "train/workers": world})
+    fit(trainer, lambda task: next(streams[task]).to(device), run.on_step, run.evaluate, run.save)
+    run.finish()
+
+
+def _resume(trainer: Trainer, initial: str | None) -> str | None:
+    """Continue from this run's latest checkpoint (after a restart), else from `--resume`."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and initial is None:
+        return None
+    if checkpoint is None:
+        trainer.load_state_dict(load_checkpoint(initial, trainer.model, trainer.optimizer))
+        return initial
+    with checkpoint.as_directory() as directory:
+        trainer.load_state_dict(load_checkpoint(directory, trainer.model, trainer.optimizer))
+    return checkpoint.path
+
+
+class _Run:
+    """What happens around each step on this rank: progress, metrics, evaluation, checkpoints."""
+
+    def __init__(self, config: Config, trainer: Trainer, vocab: Vocabulary, specs, rank, world, loop_config):
+        self.config, self.trainer, self.vocab = config, trainer, vocab
+        self.rank, self.world = rank, world
+        self.specs = {spec.name: spec for spec in specs}
+        self.metrics = (
+            MetricsBuffer(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
+        )
+        self.last_loss: dict[str, float] = {}
+        self.window: list[StepLog] = []
+        self.routing: dict[str, list[list[int]]] = {}
+        self.dev = self._evaluation_sets()
+        self.latest_eval: dict[str, float] = {}
+
+    def _evaluation_sets(self):
+        limit = self.config.train.eval_examples
+        sets = {}
+        for name, spec in self.specs.items():
+            rows = read_rows(self.config.data.shards, name, "dev", limit)
+            sets[name] = evaluation_batches(
+                spec, rows, self.rank, self.world, self.config.task(name).batch_size
+            )
+        return sets
+
+    def on_step(self, log: StepLog) -> None:
+        self.last_loss[log.task] = log.loss
+        self.window.append(log)
+        self._count_routing(log)
+        if self.metrics is not None:
+            self.metrics.add(log.step, {f"train/{log.task}/loss": log.loss})
+        if log.step % self.config.train.log_every == 0:
+            self._log_window(log.step)
+
+    def _count_routing(self, log: StepLog) -> None:
+        """Tokens per expert per MoE layer, summed per task: which experts each task uses."""
+        counts = self.routing.setdefault(log.task, [[0] * len(layer) for layer in log.expert_load])
+        for layer, load in zip(counts, log.expert_load, strict=False):
+            for i, n in enumerate(load):
+                layer[i] += n
+
+    def _log_window(self, step: int) -> None:
+        seconds = sum(log.seconds for log in self.window)
+        examples = sum(log.examples for log in self.window) * self.world
+        summary = {
+            "throughput/examples_per_s": examples / max(seconds, 1e-9),
+            "moe/dropped_fraction": sum(log.dropped_fraction for log in self.window) / len(self.window),
+            "train/lr": self.window[-1].lr,
+            "train/grad_norm": self.window[-1].grad_norm,
+            "train/aux_loss": self.window[-1].aux_loss,
+        }
+        self.window = []
+        if self.metrics is not None:
+            self.metrics.add(step, summary)
+            losses = "  ".join(f"{task} {loss:.3f}" for task, loss in sorted(self.last_loss.items()))
+            print(
+                f"[mm] step {step}/{self.config.train.steps}  "
+                f"{summary['throughput/examples_per_s']:.1f} ex/s  {losses}",
+                flush=True,
+            )
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        started = time.perf_counter()
+        scores = {}
+        for name, batches in self.dev.items():
+            task = self.config.task(name)
+            result = evaluate_task(
+                self.trainer.model,
+                name,
+                batches,
+                task.metrics,
+                detokenize=self.vocab.decode,
+                max_len=task.max_target_length,
+                parallel=self.trainer.parallel,
+            )
+            scores.update({f"eval/{name}/{metric}": value for metric, value in result.items()})
+        if self.metrics is not None:
+            self.metrics.add(step, scores)
+            print(
+                f"[mm] step {step}: evaluated in {time.perf_counter() - started:.1f}s  {_short(scores)}",
+                flush=True,
+            )
+        self.latest_eval = scores
+        return scores
+
+    def save(self, step: int, scores: dict[str, float] | None) -> None:
+        import ray.train
+
+        parallel = self.trainer.parallel
+        writes_experts = self.rank < getattr(parallel, "ep_size", 1)  # the first group's ranks
+        reported = {
+            "step": step,
+            **self.latest_eval,
+            **{f"train/{t}/loss": v for t, v in self.last_loss.items()},
+        }
+        with tempfile.TemporaryDirectory() as directory:
+            if self.rank == 0 or writes_experts:
+                save_checkpoint(
+                    directory,
+                    self.trainer.model,
+                    self.trainer.optimizer,
+                    self.trainer.state_dict(),
+                    config=self.config.model_dump(mode="json"),
+                    vocab=self.vocab.proto,
+                    write_dense=self.rank == 0,
+                    write_experts=writes_experts,
+                )
+                checkpoint = ray.train.Checkpoint.from_directory(directory)
+            else:
+                checkpoint = None
+            ray.train.report(reported, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:07d}")
+        if self.metrics is not None:
+            self.metrics.commit()
+
+    def finish(self) -> None:
+        if self.metrics is None:
+            return
+        from cluster.tracking import client
+
+        client(self.metrics.uri).log_dict(self.metrics.run_id, self.routing, "routing.json")
+
+
+def _short(scores: dict[str, float]) -> str:
+    return "  ".join(f"{key.removeprefix('eval/')} {value:.3g}" for key, value in sorted(scores.items()))

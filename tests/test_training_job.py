@@ -1,0 +1,158 @@
+"""The Ray Train job for real: a local Ray, TorchTrainer workers joined by gloo, expert
+parallelism, checkpoints, resuming on another number of workers, a killed worker, MLflow."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster.job import JobError, check_resources, train
+from cluster.tracking import client
+from mm.checkpoint import CheckpointError
+from mm.config import ConfigError, parse_config
+from mm.shards import ShardError
+
+from shardmaker import config_dict, write_shards
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("job") / "shards"
+    write_shards(root)
+    return root
+
+
+def job_config(shards: Path, tmp: Path, steps: int = 6, **sections):
+    return parse_config(config_dict(shards, tmp, steps=steps, **sections))
+
+
+def processes_named(fragment: str) -> list[int]:
+    """PIDs whose command line contains `fragment` (Ray names its actor processes so)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and fragment in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return sorted(found)
+
+
+def committed_steps(config) -> int:
+    """The highest step rank 0 has logged to MLflow (0 before the run exists)."""
+    mlflow = client(config.mlflow.tracking_uri)
+    experiment = mlflow.get_experiment_by_name(config.name)
+    runs = mlflow.search_runs([experiment.experiment_id]) if experiment else []
+    steps = [m.step for run in runs for m in mlflow.get_metric_history(run.info.run_id, "train/reverse/loss")]
+    return max(steps, default=0)
+
+
+def history(result, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in client(result.tracking_uri).get_metric_history(result.run_id, key)]
+
+
+@pytest.fixture(scope="module")
+def two_worker_run(ray_local, shards, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run2")
+    return train(job_config(shards, tmp, steps=6)), tmp
+
+
+def test_two_workers_train_with_sharded_experts_and_log_to_mlflow(two_worker_run):
+    result, _ = two_worker_run
+    assert result.metrics["step"] == 6
+    assert {"eval/reverse/bleu", "eval/reverse/log_ppl", "eval/patches/accuracy"} <= set(result.metrics)
+    # one checkpoint, merged from both workers: rank 0's dense part, each rank's 2 experts
+    files = sorted(p.name for p in (result.checkpoint / "experts").iterdir())
+    assert files == [f"expert-{i:03d}.pt" for i in range(4)]
+    assert (result.checkpoint / "dense.pt").is_file() and (result.checkpoint / "vocab.model").is_file()
+    run = client(result.tracking_uri).get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.moe.num_experts"] == "4"
+    assert {"moe/dropped_fraction", "throughput/examples_per_s", "train/reverse/loss"} <= set(
+        run.data.metrics
+    )
+    artifacts = {a.path for a in client(result.tracking_uri).list_artifacts(result.run_id)}
+    assert {"checkpoint", "config.json", "routing.json"} <= artifacts
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_a_two_worker_checkpoint_resumes_on_another_number_of_workers(two_worker_run, shards, workers):
+    first, tmp = two_worker_run
+    last_loss = history(first, "train/reverse/loss")[-1][1]
+    config = job_config(shards, tmp / f"resume{workers}", steps=10, cluster={"workers": workers})
+    resumed = train(config, resume=first.checkpoint)
+    assert resumed.metrics["step"] == 10
+    assert history(resumed, "train/resumed_at_step") == [(6, 6.0)]
+    assert history(resumed, "train/workers") == [(6, float(workers))]
+    steps = [step for step, _ in history(resumed, "train/reverse/loss")]
+    assert steps and min(steps) > 6  # it continued, it did not start over
+    initial = history(first, "train/reverse/loss")[0][1]
+    after = history(resumed, "train/reverse/loss")[0][1]
+    assert abs(after - last_loss) < abs(initial - last_loss) + 0.5  # the curve goes on from where it was
+
+
+def test_killed_worker_restarts_from_the_last_checkpoint_and_counts_no_step_twice(
+    ray_local, shards, tmp_path
+):
+    config = job_config(
+        shards,
+        tmp_path,
+        steps=60,
+        train={"checkpoint_every": 10, "log_every": 10, "eval_every": 1000},
+        cluster={"max_failures": 2},
+    )
+    killed: list[int] = []
+
+    def kill_a_worker_once_a_checkpoint_is_committed():
+        """Rank 0 logs a step's metrics once the checkpoint covering it is registered."""
+        deadline = time.time() + 240
+        while time.time() < deadline and not killed:
+            if committed_steps(config) >= 10:
+                workers = processes_named("RayTrainWorker")
+                if workers:
+                    os.kill(workers[-1], signal.SIGKILL)
+                    killed.append(workers[-1])
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_a_worker_once_a_checkpoint_is_committed, daemon=True)
+    killer.start()
+    result = train(config)
+    killer.join(timeout=1)
+    assert killed, "no worker was killed"
+    assert result.metrics["step"] == 60
+    resumed = history(result, "train/resumed_at_step")
+    assert resumed and 10 <= resumed[0][0] < 60
+    for task in ("reverse", "patches"):
+        steps = [step for step, _ in history(result, f"train/{task}/loss")]
+        assert len(steps) == len(set(steps)), f"{task}: a step was logged twice"
+    all_steps = sorted(s for t in ("reverse", "patches") for s, _ in history(result, f"train/{t}/loss"))
+    assert all_steps == list(range(1, 61))  # every step once, none lost
+
+
+# ------------------------------------------------------------------------- caught before training
+
+
+def test_bad_inputs_are_caught_before_any_worker_starts(ray_local, shards, tmp_path, two_worker_run):
+    with pytest.raises(JobError, match="16 workers x 0.5 CPU need 8 CPUs; the cluster has 4"):
+        check_resources(job_config(shards, tmp_path, cluster={"workers": 16}))
+    with pytest.raises(ConfigError, match="num_experts=4 is not divisible by cluster.expert_parallel=3"):
+        job_config(shards, tmp_path, cluster={"expert_parallel": 3})
+    missing = config_dict(shards, tmp_path)
+    missing["tasks"].append({"name": "absent", "kind": "translation"})
+    with pytest.raises(ShardError, match="task 'absent' has no shards"):
+        train(parse_config(missing))
+
+    other = tmp_path / "other"
+    write_shards(other, seed=1)  # other sentences: another vocabulary
+    with pytest.raises(CheckpointError, match="another vocabulary"):
+        train(job_config(other, tmp_path), resume=two_worker_run[0].checkpoint)
+    (other / "vocab.model").write_bytes((shards / "vocab.model").read_bytes())
+    with pytest.raises(ShardError, match="shards were made with vocabulary"):
+        train(job_config(other, tmp_path))
