@@ -41,7 +41,7 @@ def check_shards(config: Config, vocab: Vocabulary, manifests: Mapping[str, Mani
         if manifest.vocab_sha256 != vocab.sha256:
             raise ShardError(
                 f"task {task.name!r}: shards were made with vocabulary {manifest.vocab_sha256[:12]}, "
-                f"not {vocab.sha256[:12]} ({config.data.shards}/vocab.model); run `mm prepare --force`"
+                f"not {vocab.sha256[:12]} ({config.data.shards}/vocab.model); run `mm prepare` again"
             )
 
 

@@ -79,7 +79,18 @@ def check_checkpoint_vocab(checkpoint: Path, vocab: Vocabulary) -> None:
         )
 
 
-def train(config: Config, address: str | None = None, resume: str | Path | None = None) -> TrainingResult:
+def train(
+    config: Config,
+    address: str | None = None,
+    resume: str | Path | None = None,
+    run_name: str | None = None,
+    parent_run_id: str | None = None,
+    run_id: str | None = None,
+    callbacks: list | tuple = (),
+) -> TrainingResult:
+    """Train `config` on the cluster. A sweep passes its trial's name and parent run (its child
+    run is created here), or an existing `run_id` to continue (population-based training runs a
+    trial in segments), and Tune's report callback."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -92,7 +103,7 @@ def train(config: Config, address: str | None = None, resume: str | Path | None 
     connect(address)
     check_resources(config)
     uri = resolve_tracking_uri(config.mlflow.tracking_uri)
-    run_id = start_run(uri, config)
+    run_id = run_id or start_run(uri, config, run_name, parent_run_id)
 
     cluster = config.cluster
     workers = (cluster.min_workers, cluster.workers) if cluster.min_workers else cluster.workers
@@ -112,7 +123,8 @@ def train(config: Config, address: str | None = None, resume: str | Path | None 
             resources_per_worker={"CPU": cluster.cpus_per_worker},
         ),
         run_config=ray.train.RunConfig(
-            name=f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            name=f"{run_name or config.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            callbacks=list(callbacks),
             storage_path=str(Path(cluster.storage_path).absolute()),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cluster.checkpoints_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=cluster.max_failures),

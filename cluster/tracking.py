@@ -3,9 +3,9 @@
 The driver resolves the tracking URI (a relative sqlite path becomes absolute, so workers in
 other directories write to the same database; an http server must answer, or the job stops
 before it starts — never a silent fall-back to a local file store), creates the run and logs
-the flattened config. Rank 0 then logs metrics into that run. It holds them back until the
-checkpoint that covers them is saved: a worker group restarted from that checkpoint replays
-the steps after it, and they are logged once, by the replay.
+the flattened config. Rank 0 then logs metrics into that run, in batches, when it checkpoints.
+A worker group restarted from a checkpoint replays the steps after it; steps the run already
+holds (the run's `mm.logged_step` tag) are not logged again, so no step is counted twice.
 """
 
 from __future__ import annotations
@@ -77,21 +77,32 @@ def _param_value(value: Any) -> str:
     return str(value)[:6000]
 
 
+LOGGED_STEP = "mm.logged_step"
+
+
 class MetricsBuffer:
-    """Rank 0's metrics, written to MLflow when the checkpoint that covers them is saved."""
+    """Rank 0's metrics, written to MLflow in batches; steps already logged are skipped."""
 
     def __init__(self, uri: str, run_id: str):
         self.uri, self.run_id = uri, run_id
         self.pending: list[Any] = []
+        self.logged_step = int(client(uri).get_run(run_id).data.tags.get(LOGGED_STEP, 0))
 
-    def add(self, step: int, metrics: dict[str, float]) -> None:
+    def add(self, step: int, metrics: dict[str, float], replay: bool = True) -> None:
+        """`replay=False` for events of this attempt (a resume), logged whatever the step."""
         from mlflow.entities import Metric
 
+        if replay and step <= self.logged_step:
+            return  # a replay after a restart: this step is in the run already
         now = int(time.time() * 1000)
         self.pending += [Metric(key, float(value), now, step) for key, value in metrics.items()]
 
     def commit(self) -> None:
+        if not self.pending:
+            return
         mlflow = client(self.uri)
         for start in range(0, len(self.pending), 1000):
             mlflow.log_batch(self.run_id, metrics=self.pending[start : start + 1000])
+        self.logged_step = max(self.logged_step, max(m.step for m in self.pending))
+        mlflow.set_tag(self.run_id, LOGGED_STEP, str(self.logged_step))
         self.pending = []

@@ -8,11 +8,13 @@ the progress line and logs to MLflow; every rank takes part in evaluation and ch
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tempfile
 import time
 from typing import Any
 
+import numpy as np
 import torch
 
 from cluster.data import evaluation_batches, ray_stream, read_rows
@@ -21,6 +23,7 @@ from mm.build import task_specs
 from mm.checkpoint import load_checkpoint, save_checkpoint
 from mm.config import Config, parse_config
 from mm.evaluate import evaluate_task
+from mm.metrics import aggregate_score
 from mm.model import MultiModel
 from mm.parallel import DataExpertParallel, SingleProcess
 from mm.shards import Manifest
@@ -72,12 +75,26 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         )
         for spec in specs
     }
-    run = _Run(config, trainer, vocab, specs, rank, world, loop_config)
+    run = _Run(config, trainer, vocab, specs, rank, world, loop_config, task_records(specs, manifests))
     if rank == 0 and resumed_from is not None:
         print(f"[mm] resumed at step {trainer.step} with {world} workers from {resumed_from}", flush=True)
-        run.metrics.add(trainer.step, {"train/resumed_at_step": trainer.step, "train/workers": world})
+        resumed = {"train/resumed_at_step": trainer.step, "train/workers": world}
+        run.metrics.add(trainer.step + 1, resumed, replay=False)
     fit(trainer, lambda task: next(streams[task]).to(device), run.on_step, run.evaluate, run.save)
     run.finish()
+
+
+def task_records(specs, manifests: dict[str, Manifest]) -> list[dict[str, Any]]:
+    """What a checkpoint needs to answer requests without the shards: each task's spec, class
+    names and input features (image size, mel settings)."""
+    return [
+        {
+            **dataclasses.asdict(spec),
+            "class_names": manifests[spec.name].class_names,
+            "features": manifests[spec.name].features,
+        }
+        for spec in specs
+    ]
 
 
 def _resume(trainer: Trainer, initial: str | None) -> str | None:
@@ -98,15 +115,19 @@ def _resume(trainer: Trainer, initial: str | None) -> str | None:
 class _Run:
     """What happens around each step on this rank: progress, metrics, evaluation, checkpoints."""
 
-    def __init__(self, config: Config, trainer: Trainer, vocab: Vocabulary, specs, rank, world, loop_config):
+    def __init__(
+        self, config: Config, trainer: Trainer, vocab: Vocabulary, specs, rank, world, loop_config, records
+    ):
         self.config, self.trainer, self.vocab = config, trainer, vocab
+        self.task_records = records
         self.rank, self.world = rank, world
         self.specs = {spec.name: spec for spec in specs}
-        self.metrics = (
-            MetricsBuffer(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
-        )
+        self.run_id = loop_config["run_id"]
+        self.metrics = MetricsBuffer(loop_config["tracking_uri"], self.run_id) if rank == 0 else None
         self.last_loss: dict[str, float] = {}
         self.window: list[StepLog] = []
+        self.step_seconds: list[float] = []
+        self.first_step_at: float | None = None  # when this attempt's first step began
         self.routing: dict[str, list[list[int]]] = {}
         self.dev = self._evaluation_sets()
         self.latest_eval: dict[str, float] = {}
@@ -122,6 +143,9 @@ class _Run:
         return sets
 
     def on_step(self, log: StepLog) -> None:
+        if self.first_step_at is None:
+            self.first_step_at = time.time() - log.seconds
+        self.step_seconds.append(log.seconds)
         self.last_loss[log.task] = log.loss
         self.window.append(log)
         self._count_routing(log)
@@ -188,6 +212,8 @@ class _Run:
         writes_experts = self.rank < getattr(parallel, "ep_size", 1)  # the first group's ranks
         reported = {
             "step": step,
+            "mlflow_run_id": self.run_id,
+            **self._objective(),
             **self.latest_eval,
             **{f"train/{t}/loss": v for t, v in self.last_loss.items()},
         }
@@ -200,6 +226,7 @@ class _Run:
                     self.trainer.state_dict(),
                     config=self.config.model_dump(mode="json"),
                     vocab=self.vocab.proto,
+                    tasks=self.task_records,
                     write_dense=self.rank == 0,
                     write_experts=writes_experts,
                 )
@@ -209,6 +236,23 @@ class _Run:
             ray.train.report(reported, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:07d}")
         if self.metrics is not None:
             self.metrics.commit()
+
+    def _objective(self) -> dict[str, float]:
+        """The sweep's objective: the mean over tasks of each primary dev metric, normalised."""
+        if not self.latest_eval:
+            return {}
+        scores: dict[str, dict[str, float]] = {}
+        for key, value in self.latest_eval.items():
+            _, task, metric = key.split("/", 2)
+            scores.setdefault(task, {})[metric] = value
+        primary = {task.name: task.metrics[0] for task in self.config.tasks}
+        return {"objective": aggregate_score(scores, primary, self.config.tune.reference)}
+
+    def _timing(self) -> dict[str, float]:
+        """Steady-state step time (the first steps warm up) and when the first step began."""
+        steady = self.step_seconds[len(self.step_seconds) // 5 :] or self.step_seconds
+        median = float(np.median(steady))
+        return {"perf/step_seconds": median, "perf/first_step_at": self.first_step_at or 0.0}
 
     def finish(self) -> None:
         if self.metrics is None:

@@ -5,6 +5,7 @@
                              weights and Adam moments, by parameter name
     trainer.pt               step, learning-rate schedule, task sampler
     config.json              the experiment config
+    tasks.json               per task: kind, command id, classes and their names, input features
     vocab.model              the vocabulary (when the run had one)
 
 Experts are stored one file per global id, so a checkpoint written by 4 ranks (2 experts each)
@@ -25,7 +26,8 @@ from torch import Tensor, nn
 
 from mm.moe import Experts
 
-DENSE, TRAINER, CONFIG, VOCAB, EXPERTS_DIR = "dense.pt", "trainer.pt", "config.json", "vocab.model", "experts"
+DENSE, TRAINER, CONFIG, TASKS, VOCAB = "dense.pt", "trainer.pt", "config.json", "tasks.json", "vocab.model"
+EXPERTS_DIR = "experts"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 STEP = "step"  # Adam's per-parameter step count: a parameter unused by a task skips steps
 
@@ -58,6 +60,7 @@ def save_checkpoint(
     trainer_state: dict[str, Any] | None = None,
     config: dict[str, Any] | None = None,
     vocab: bytes | None = None,
+    tasks: list[dict[str, Any]] | None = None,
     write_dense: bool = True,
     write_experts: bool = True,
 ) -> Path:
@@ -81,6 +84,8 @@ def save_checkpoint(
             (directory / CONFIG).write_text(json.dumps(config, indent=2))
         if vocab is not None:
             (directory / VOCAB).write_bytes(vocab)
+        if tasks is not None:
+            (directory / TASKS).write_text(json.dumps(tasks, indent=2))
     if write_experts:
         for expert_id, content in _expert_contents(model, moments).items():
             _save(content, expert_file(directory, expert_id))
@@ -189,6 +194,13 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / CONFIG
     if not path.is_file():
         raise CheckpointError(f"{directory}: no {CONFIG} in the checkpoint")
+    return json.loads(path.read_text())
+
+
+def read_tasks(directory: str | Path) -> list[dict[str, Any]]:
+    path = Path(directory) / TASKS
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: no {TASKS} in the checkpoint (written by `mm train`)")
     return json.loads(path.read_text())
 
 

@@ -241,6 +241,41 @@ class MLflowConfig(Section):
     artifact_location: str | None = Field(None, description="for a new experiment; default ./mlartifacts")
 
 
+class SearchSpace(Section):
+    """What a sweep varies. Lists are choices (a grid under `search: grid`); pairs are ranges,
+    sampled log-uniformly."""
+
+    mixing: Literal["weights", "temperature", "none"] = "weights"
+    tasks: list[str] | None = Field(None, description="tasks whose weight is searched; default all")
+    weight: tuple[float, float] = (0.25, 4.0)
+    temperature: tuple[float, float] = (1.0, 5.0)
+    capacity_factor: list[float] = [1.0, 1.25, 2.0]
+    k: list[int] = [1, 2]
+    lr: tuple[float, float] | None = (3e-4, 3e-3)
+
+
+class TuneConfig(Section):
+    trials: int = Field(4, ge=1)
+    max_concurrent: int = Field(1, ge=1)
+    search: Literal["random", "grid", "optuna"] = "random"
+    scheduler: Literal["asha", "pbt", "fifo"] = "asha"
+    grace_period: int = Field(1, ge=1, description="ASHA: evaluations before a trial can be stopped")
+    reduction_factor: int = Field(2, ge=2)
+    pbt_interval: int = Field(100, ge=1, description="PBT: steps between exploit/explore")
+    # Per-task reference scores (e.g. each task's single-task run); without one a task's metric
+    # is normalised over its range (see mm.metrics.normalized).
+    reference: dict[str, float] = Field(default_factory=dict)
+    space: SearchSpace = SearchSpace()
+
+    @model_validator(mode="after")
+    def _grid_is_finite(self) -> TuneConfig:
+        if self.search == "grid" and self.space.mixing == "weights":
+            raise ValueError(
+                "grid search cannot enumerate per-task weights: use space.mixing: temperature or none"
+            )
+        return self
+
+
 class Config(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
@@ -250,6 +285,7 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     cluster: ClusterConfig = ClusterConfig()
     mlflow: MLflowConfig = MLflowConfig()
+    tune: TuneConfig = TuneConfig()
 
     @field_validator("tasks")
     @classmethod
@@ -271,6 +307,17 @@ class Config(Section):
     @property
     def task_names(self) -> list[str]:
         return [t.name for t in self.tasks]
+
+    @model_validator(mode="after")
+    def _tune_names_known_tasks(self) -> Config:
+        named = {"tune.space.tasks": self.tune.space.tasks or [], "tune.reference": list(self.tune.reference)}
+        for where, tasks in named.items():
+            unknown = sorted(set(tasks) - set(self.task_names))
+            if unknown:
+                raise ValueError(f"{where} names tasks the config lacks: {', '.join(unknown)}")
+        if max(self.tune.space.k) > self.model.moe.num_experts:
+            raise ValueError(f"tune.space.k has k > model.moe.num_experts={self.model.moe.num_experts}")
+        return self
 
     @model_validator(mode="after")
     def _experts_divide(self) -> Config:

@@ -144,3 +144,48 @@ def bracket_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict
 def perplexity_metrics(logits: Tensor, targets: Tensor) -> dict[str, float]:
     with torch.no_grad():
         return {"log_ppl": log_perplexity(logits, targets), "token_accuracy": token_accuracy(logits, targets)}
+
+
+# ---------------------------------------------------------------------------------- across tasks
+
+# The worst and the best value of each metric, for normalising it to [0, 1]. Chance level for
+# accuracy depends on the number of classes; 0 is a safe floor.
+METRIC_RANGES = {
+    "accuracy": (0.0, 1.0),
+    "top5": (0.0, 1.0),
+    "bleu": (0.0, 100.0),
+    "wer": (1.0, 0.0),
+    "bracket_f1": (0.0, 100.0),
+    "exact_match": (0.0, 100.0),
+    "token_accuracy": (0.0, 1.0),
+}
+
+
+def normalized(metric: str, value: float, reference: float | None = None) -> float:
+    """A task's metric on a common scale where larger is better.
+
+    With a reference (e.g. the task's single-task score): value / reference, or
+    reference / value for lower-is-better metrics, so 1.0 means "as good as the reference".
+    Without: (value - worst) / (best - worst) over the metric's range (WER: 1 - WER).
+    """
+    if reference is not None:
+        if higher_is_better(metric):
+            return value / reference if reference else 0.0
+        return reference / value if value else 0.0
+    worst, best = METRIC_RANGES[metric]
+    return (value - worst) / (best - worst)
+
+
+def aggregate_score(
+    scores: dict[str, dict[str, float]],
+    primary: dict[str, str],
+    references: dict[str, float] | None = None,
+) -> float:
+    """The mean over tasks of each task's primary metric, normalised (`normalized`)."""
+    references = references or {}
+    values = [
+        normalized(metric, scores[task][metric], references.get(task))
+        for task, metric in primary.items()
+        if metric in scores.get(task, {})
+    ]
+    return sum(values) / len(values) if values else 0.0

@@ -16,11 +16,15 @@ def _selftest(args: argparse.Namespace) -> None:
     selftest.main(["--steps", str(args.steps), "--seed", str(args.seed)])
 
 
-def _starter(args: argparse.Namespace) -> None:
-    from pipelines import starter
+def _pass_through(module: str):
+    """Commands whose module owns its arguments: hand it the rest of the command line."""
 
-    argv = ["--out", str(args.out), "--size", args.size, "--seed", str(args.seed)]
-    sys.exit(starter.main(argv + (["--no-install"] if args.no_install else [])))
+    def run(args: argparse.Namespace) -> None:
+        import importlib
+
+        sys.exit(importlib.import_module(module).main(args.rest))
+
+    return run
 
 
 def _load(args: argparse.Namespace):
@@ -47,6 +51,67 @@ def _train(args: argparse.Namespace) -> None:
     console.print(f"MLflow run: {result.run_id} at {result.tracking_uri}")
 
 
+def _tune(args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from tune.sweep import sweep
+
+    result = sweep(_load(args), address=args.address)
+    table = Table(title="trials")
+    for column in ("trial", "objective", "status", "parameters"):
+        table.add_column(column)
+    for trial in result.trials:
+        status = "failed: " + trial.error if trial.error else ("best" if trial is result.best else "done")
+        objective = "-" if trial.objective is None else f"{trial.objective:.4f}"
+        params = ", ".join(
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items()
+        )
+        table.add_row(trial.name, objective, status, params)
+    console = Console()
+    console.print(table)
+    if result.registered:
+        r = result.registered
+        console.print(f"registered {r['name']} v{r['version']} as {r['alias']}: {r['reason']}")
+
+
+def _tracking_uri(args: argparse.Namespace) -> str | None:
+    import os
+
+    return args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from rich.console import Console
+
+    from mmcli.tables import task_metric_table
+    from tune.predictor import Predictor
+    from tune.registry import resolve_checkpoint
+
+    predictor = Predictor(resolve_checkpoint(args.model, _tracking_uri(args)), beam=args.beam)
+    scores = predictor.evaluate(args.shards, args.split, args.examples)
+    flat = {
+        f"eval/{task}/{metric}": value for task, values in scores.items() for metric, value in values.items()
+    }
+    console = Console()
+    console.print(task_metric_table(flat, f"{args.model} on {args.split}"))
+    console.print(f"aggregate score: {predictor.aggregate(scores):.4f}")
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from tune.predictor import Predictor
+    from tune.registry import resolve_checkpoint
+
+    predictor = Predictor(resolve_checkpoint(args.model, _tracking_uri(args)), beam=args.beam)
+    modality = predictor.specs[args.task].input_modality if args.task in predictor.specs else "text"
+    value = Path(args.input).read_bytes() if modality != "text" else args.input
+    if modality == "text" and Path(args.input).is_file():
+        value = Path(args.input).read_text().strip()
+    print(predictor.predict(args.task, value))
+
+
 def _with_config(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("config", help="experiment config (YAML)")
     parser.add_argument(
@@ -67,17 +132,42 @@ def build_parser() -> argparse.ArgumentParser:
     selftest.add_argument("--seed", type=int, default=0)
     selftest.set_defaults(run=_selftest)
 
-    starter = commands.add_parser("starter", help="build the starter corpora from Debian packages")
-    starter.add_argument("--out", default="data/starter")
-    starter.add_argument("--size", choices=["tiny", "small", "full"], default="small")
-    starter.add_argument("--seed", type=int, default=0)
-    starter.add_argument("--no-install", action="store_true", help="never run apt-get")
-    starter.set_defaults(run=_starter)
+    for name, module, help_text in (
+        ("starter", "pipelines.starter", "build the starter corpora from Debian packages"),
+        ("prepare", "pipelines.prepare", "corpora into Arrow shards with Ray Data"),
+    ):
+        command = commands.add_parser(name, help=help_text, add_help=False, prefix_chars="\0")
+        command.add_argument("rest", nargs=argparse.REMAINDER)
+        command.set_defaults(run=_pass_through(module))
 
     train = _with_config(commands.add_parser("train", help="train on the prepared shards with Ray Train"))
     train.add_argument("--workers", help="N, or MIN-MAX for elastic training")
     train.add_argument("--resume", help="checkpoint directory to continue from")
     train.set_defaults(run=_train)
+
+    tune = _with_config(
+        commands.add_parser("tune", help="sweep mixing ratios and MoE capacity with Ray Tune")
+    )
+    tune.set_defaults(run=_tune)
+
+    for name, help_text, run in (
+        ("evaluate", "per-task metrics of a checkpoint or registered model", _evaluate),
+        ("predict", "one prediction from a checkpoint or registered model", _predict),
+    ):
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("model", help="checkpoint directory, or models:/NAME@champion")
+        if name == "predict":
+            command.add_argument("--task", required=True)
+            command.add_argument("input", help="text, or a file (image, audio, or text)")
+        else:
+            command.add_argument("--shards", help="shards to score on (default: the config's)")
+            command.add_argument("--split", default="dev")
+            command.add_argument("--examples", type=int, help="rows per task (default: train.eval_examples)")
+        command.add_argument("--beam", type=int, default=1)
+        command.add_argument(
+            "--tracking-uri", help="MLflow tracking URI for models:/ (default: MLFLOW_TRACKING_URI)"
+        )
+        command.set_defaults(run=run)
     return parser
 
 

@@ -1030,7 +1030,7 @@ def build_starter(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.starter", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="mm starter", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("data/starter"), help="where to write the corpora")
     parser.add_argument("--size", choices=list(SIZES), default="small")
     parser.add_argument("--seed", type=int, default=0)

@@ -1,0 +1,177 @@
+"""A real sweep: Ray Tune trials that are Ray Train runs, against a real `mlflow server` on
+127.0.0.1; the best model registered, promoted, loaded back and served."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from benchmarks.common import free_port
+from cluster.tracking import TrackingError, client, resolve_tracking_uri
+from mm.config import ConfigError, parse_config
+from tune.registry import CHALLENGER, CHAMPION, register_and_promote
+from tune.sweep import sweep
+
+from shardmaker import config_dict, write_shards
+
+pytestmark = pytest.mark.slow
+MLFLOW = str(Path(sys.executable).with_name("mlflow"))
+
+
+def wait_until_up(url: str, process: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{url}: the server exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {seconds}s")
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """`mlflow server` with a sqlite store and a local artifact root, on 127.0.0.1 only."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    process = subprocess.Popen(
+        [MLFLOW, "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(f"{uri}/health", process)
+        yield uri
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def swept(ray_local, mlflow_server, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sweep")
+    write_shards(tmp / "shards")
+    raw = config_dict(tmp / "shards", tmp, steps=6, train={"eval_every": 3})
+    raw["mlflow"] = {"tracking_uri": mlflow_server, "model_name": "tiny-mm"}
+    # a grid of 3 trials; capacity -1 is invalid, so that trial crashes and the sweep goes on
+    raw["tune"] = {
+        "search": "grid",
+        "scheduler": "asha",
+        "space": {"mixing": "none", "capacity_factor": [1.25, 2.0, -1.0], "k": [2], "lr": None},
+    }
+    config = parse_config(raw)
+    return sweep(config), config
+
+
+def test_sweep_logs_a_parent_run_with_one_child_per_trial(swept):
+    result, _ = swept
+    mlflow = client(result.tracking_uri)
+    parent = mlflow.get_run(result.parent_run_id)
+    assert parent.data.tags["mm.sweep"] == "true"
+    assert len(result.trials) == 3
+    children = [t for t in result.trials if t.run_id]
+    assert len(children) == 2  # the crashed trial never started a run
+    for trial in children:
+        run = mlflow.get_run(trial.run_id)
+        assert run.data.tags["mlflow.parentRunId"] == result.parent_run_id
+        assert run.data.params["model.moe.capacity_factor"] == str(trial.params["capacity_factor"])
+        assert "eval/reverse/bleu" in run.data.metrics and "eval/patches/accuracy" in run.data.metrics
+    assert result.best is not None and result.best.objective == max(t.objective for t in children)
+    artifacts = {a.path for a in mlflow.list_artifacts(result.parent_run_id)}
+    assert {"trials.json", "objective_per_trial.png", "metric_vs_mixing_ratio.png"} <= artifacts
+
+
+def test_a_crashing_trial_is_reported_and_the_sweep_goes_on(swept):
+    result, _ = swept
+    crashed = [t for t in result.trials if t.error]
+    assert len(crashed) == 1 and crashed[0].params["capacity_factor"] == -1.0
+    assert "capacity_factor" in crashed[0].error
+    tags = client(result.tracking_uri).get_run(result.parent_run_id).data.tags
+    assert tags["failed_trials"] == crashed[0].name
+
+
+def test_best_model_is_registered_as_champion_and_an_equal_one_only_as_challenger(swept):
+    result, config = swept
+    assert result.registered["alias"] == CHAMPION and result.registered["version"] == 1
+    again = register_and_promote(
+        config, result.tracking_uri, result.best, result.parent_run_id, log=lambda _: None
+    )
+    assert again["version"] == 2 and again["alias"] == CHALLENGER
+    assert "does not beat champion v1" in again["reason"]
+    mlflow = client(result.tracking_uri)
+    assert mlflow.get_model_version_by_alias("tiny-mm", CHAMPION).version == "1"
+    assert mlflow.get_model_version_by_alias("tiny-mm", CHALLENGER).version == "2"
+
+
+def png_base64(label: int) -> str:
+    image = np.full((16, 16), 20, dtype=np.uint8)
+    row, col = divmod(label, 2)
+    image[row * 8 : row * 8 + 6, col * 8 : col * 8 + 6] = 220
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_registered_model_loads_back_with_pyfunc_and_predicts(swept):
+    import mlflow.pyfunc
+
+    result, _ = swept
+    mlflow.set_tracking_uri(result.tracking_uri)
+    model = mlflow.pyfunc.load_model("models:/tiny-mm@champion")
+    rows = pd.DataFrame(
+        [{"task": "reverse", "input": "red cat runs"}, {"task": "patches", "input": png_base64(2)}]
+    )
+    predictions = model.predict(rows)
+    assert len(predictions) == 2
+    assert all(isinstance(p, str) for p in predictions)
+    assert predictions[1] in {"0", "1", "2", "3"}  # a class name of the image task
+
+
+def test_mlflow_models_serve_answers_invocations(swept, tmp_path):
+    result, _ = swept
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": result.tracking_uri}
+    process = subprocess.Popen(
+        [MLFLOW, "models", "serve", "-m", "models:/tiny-mm@champion", "--env-manager", "local",
+         "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/ping", process)
+        body = json.dumps({"dataframe_records": [{"task": "reverse", "input": "green dog"}]}).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.loads(response.read())
+        assert response.status == 200
+        assert len(answer["predictions"]) == 1 and isinstance(answer["predictions"][0], str)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_bad_sweep_inputs_fail_clearly(tmp_path):
+    raw = config_dict(tmp_path / "shards", tmp_path)
+    raw["tune"] = {"space": {"tasks": ["reverse", "nonesuch"]}}
+    with pytest.raises(ConfigError, match="tune.space.tasks names tasks the config lacks: nonesuch"):
+        parse_config(raw)
+    closed = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(TrackingError, match="unreachable"):
+        resolve_tracking_uri(closed)

@@ -1,0 +1,137 @@
+"""A trained MultiModel held whole in one process: scores dev/test splits and answers
+`{task, input}` requests. Used by `mm evaluate`, `mm predict`, the registered MLflow pyfunc
+and the champion/challenger comparison.
+
+Inputs by modality: text as a string; an image or an audio clip as the file's bytes (the
+pyfunc takes them base64-encoded), decoded exactly as `mm prepare` decodes a corpus (same
+image size, same log-mel settings, read from the checkpoint's tasks.json).
+"""
+
+from __future__ import annotations
+
+import base64
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cluster.data import evaluation_batches, read_rows
+from mm.batch import Batch, pad_sequences
+from mm.checkpoint import load_checkpoint, read_config, read_tasks, read_vocab
+from mm.config import Config, parse_config
+from mm.evaluate import evaluate_task
+from mm.metrics import aggregate_score
+from mm.model import MultiModel
+from mm.tasks import TaskSpec
+from mm.vocab import Vocabulary
+from pipelines.media import load_image, load_log_mel
+from pipelines.rows import AudioSettings
+
+SPEC_FIELDS = {"name", "kind", "command_id", "num_classes", "loss_weight"}
+
+
+class PredictError(ValueError):
+    pass
+
+
+class Predictor:
+    def __init__(self, checkpoint: str | Path, beam: int = 1):
+        checkpoint = Path(checkpoint)
+        self.config: Config = parse_config(read_config(checkpoint), source=str(checkpoint / "config.json"))
+        self.vocab = Vocabulary(read_vocab(checkpoint) or b"")
+        self.records = {record["name"]: record for record in read_tasks(checkpoint)}
+        specs = [TaskSpec(**{k: v for k, v in r.items() if k in SPEC_FIELDS}) for r in self.records.values()]
+        self.specs = {spec.name: spec for spec in specs}
+        torch.manual_seed(0)
+        self.model = MultiModel(self.config.model, specs, self.vocab.size)
+        load_checkpoint(checkpoint, self.model)
+        self.model.eval()
+        self.beam = beam
+
+    # ------------------------------------------------------------------------------- requests
+
+    def predict(self, task: str, value: str | bytes) -> str:
+        """A class name, or the decoded text."""
+        batch = self.batch(task, [value])
+        spec = self.specs[task]
+        if spec.output_modality == "class":
+            _, classes = self.model.classify(batch, topk=1)
+            names = self.records[task].get("class_names")
+            index = int(classes[0, 0])
+            return names[index] if names else str(index)
+        max_len = self.config.task(task).max_target_length
+        return self.vocab.decode(self.model.generate(batch, max_len=max_len, beam=self.beam)[0])
+
+    def batch(self, task: str, values: list[str | bytes]) -> Batch:
+        if task not in self.specs:
+            raise PredictError(f"unknown task {task!r}; this model knows {', '.join(sorted(self.specs))}")
+        modality = self.specs[task].input_modality
+        if modality == "text":
+            if not all(isinstance(v, str) for v in values):
+                raise PredictError(f"task {task!r} takes text input")
+            inputs = pad_sequences(
+                [self.vocab.encode(v)[: self.config.task(task).max_input_length] for v in values]
+            )
+            return Batch(task, inputs, torch.zeros(len(values), 1, dtype=torch.long))
+        arrays = [self._decode_file(task, modality, v) for v in values]
+        if modality == "image":
+            return Batch(task, torch.from_numpy(_stack(arrays)), torch.zeros(len(values), dtype=torch.long))
+        lengths = torch.tensor([len(a) for a in arrays])
+        frames = torch.zeros(len(arrays), int(lengths.max()), arrays[0].shape[1], dtype=torch.float16)
+        for i, a in enumerate(arrays):
+            frames[i, : len(a)] = torch.from_numpy(a)
+        return Batch(task, frames, torch.zeros(len(values), 1, dtype=torch.long), lengths)
+
+    def _decode_file(self, task: str, modality: str, value: str | bytes):
+        data = value if isinstance(value, bytes) else _from_base64(value, task)
+        features = self.records[task].get("features") or {}
+        with tempfile.NamedTemporaryFile(suffix=".bin") as file:
+            file.write(data)
+            file.flush()
+            if modality == "image":
+                return load_image(file.name, int(features.get("image_size", self.config.data.image_size)))
+            return load_log_mel(file.name, _audio_settings(features, self.config))
+
+    # ------------------------------------------------------------------------------- scoring
+
+    def evaluate(self, shards: str | Path | None = None, split: str = "dev", examples: int | None = None):
+        """{task: {metric: value}} on the first `examples` rows of `split` of each task."""
+        root = shards or self.config.data.shards
+        limit = examples or self.config.train.eval_examples
+        scores = {}
+        for name, spec in self.specs.items():
+            task = self.config.task(name)
+            rows = read_rows(root, name, split, limit)
+            batches = evaluation_batches(spec, rows, 0, 1, task.batch_size)
+            scores[name] = evaluate_task(
+                self.model, name, batches, task.metrics, self.vocab.decode, task.max_target_length, self.beam
+            )
+        return scores
+
+    def aggregate(self, scores: dict[str, dict[str, float]]) -> float:
+        primary = {task.name: task.metrics[0] for task in self.config.tasks}
+        return aggregate_score(scores, primary, self.config.tune.reference)
+
+
+def _stack(arrays):
+    import numpy as np
+
+    return np.stack(arrays)
+
+
+def _from_base64(value: str, task: str) -> bytes:
+    try:
+        return base64.b64decode(value, validate=True)
+    except ValueError:
+        raise PredictError(f"task {task!r} takes a file: pass its bytes base64-encoded") from None
+
+
+def _audio_settings(features: dict[str, Any], config: Config) -> AudioSettings:
+    data = config.data
+    return AudioSettings(
+        sample_rate=int(features.get("sample_rate", data.sample_rate)),
+        mel_bins=int(features.get("mel_bins", data.mel_bins)),
+        window_ms=float(features.get("window_ms", data.window_ms)),
+        hop_ms=float(features.get("hop_ms", data.hop_ms)),
+    )

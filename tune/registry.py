@@ -1,0 +1,132 @@
+"""The MLflow model registry: the best trial's model as a pyfunc, and the `champion` alias.
+
+The registered model is an MLflow pyfunc whose artifact is the checkpoint directory (tensors,
+config, vocabulary, tasks.json) and whose code is this package (`tune.registry.MultiModelPyfunc`,
+so it loads where multimodel is installed: `mlflow models serve --env-manager local`). It takes
+rows of `{task, input}` — text, or an image / audio file base64-encoded — and returns one
+prediction per row: the class name or the decoded text.
+
+Promotion: the new version and the current champion are scored on the same dev sets (the
+shards of this config, `train.eval_examples` rows of each task) with the sweep's aggregate
+objective. `champion` moves to the new version only if it scores higher; otherwise the new
+version becomes `challenger`. The scores and the reason are tags on the version and the sweep.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+
+from mm.config import Config
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+
+
+class MultiModelPyfunc(mlflow.pyfunc.PythonModel):
+    def load_context(self, context) -> None:
+        from tune.predictor import Predictor
+
+        self.predictor = Predictor(context.artifacts["checkpoint"])
+
+    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
+        records = (
+            model_input.to_dict(orient="records") if hasattr(model_input, "to_dict") else list(model_input)
+        )
+        return [self.predictor.predict(str(row["task"]), row["input"]) for row in records]
+
+
+def signature_and_example(config: Config):
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    text_task = next(
+        (t for t in config.tasks if t.kind in ("translation", "constituency_parsing")), config.tasks[0]
+    )
+    example = pd.DataFrame([{"task": text_task.name, "input": "A short example sentence ."}])
+    return infer_signature(example, ["a prediction"]), example
+
+
+def log_pyfunc(config: Config, tracking_uri: str, run_id: str, checkpoint: str | Path) -> Any:
+    """Log the checkpoint as a pyfunc model in `run_id` and register it; returns the version."""
+    mlflow.set_tracking_uri(tracking_uri)
+    signature, example = signature_and_example(config)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=MultiModelPyfunc(),
+            artifacts={"checkpoint": str(checkpoint)},
+            signature=signature,
+            input_example=example,
+            registered_model_name=config.mlflow.model_name or config.name,
+        )
+    return info.registered_model_version
+
+
+def checkpoint_score(config: Config, checkpoint: str | Path) -> tuple[float, dict[str, dict[str, float]]]:
+    """The aggregate objective of a checkpoint on this config's dev shards."""
+    from tune.predictor import Predictor
+
+    predictor = Predictor(checkpoint)
+    scores = predictor.evaluate(config.data.shards, "dev", config.train.eval_examples)
+    return predictor.aggregate(scores), scores
+
+
+def register_and_promote(
+    config: Config, tracking_uri: str, best, parent_run_id: str, log=print
+) -> dict[str, Any]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    name = config.mlflow.model_name or config.name
+    version = log_pyfunc(config, tracking_uri, best.run_id, best.checkpoint)
+    score, _ = checkpoint_score(config, best.checkpoint)
+    client.set_model_version_tag(name, version, "aggregate_score", f"{score:.6f}")
+    client.set_model_version_tag(name, version, "sweep_run_id", parent_run_id)
+
+    champion = _champion(client, name)
+    if champion is None:
+        alias, reason = CHAMPION, "first registered version"
+    else:
+        previous = resolve_checkpoint(f"models:/{name}/{champion.version}", tracking_uri)
+        champion_score, _ = checkpoint_score(config, previous)
+        if score > champion_score:
+            alias = CHAMPION
+            reason = f"aggregate {score:.4f} beats champion v{champion.version}'s {champion_score:.4f}"
+        else:
+            alias = CHALLENGER
+            reason = (
+                f"aggregate {score:.4f} does not beat champion v{champion.version}'s {champion_score:.4f}"
+            )
+    client.set_registered_model_alias(name, alias, version)
+    client.set_model_version_tag(name, version, "promotion", reason)
+    client.set_tag(parent_run_id, "promotion", f"v{version} -> {alias}: {reason}")
+    log(f"[mm] registered {name} v{version} as {alias}: {reason}")
+    return {"name": name, "version": int(version), "alias": alias, "score": score, "reason": reason}
+
+
+def _champion(client, name: str):
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except Exception:  # MlflowException: no such alias yet
+        return None
+
+
+def resolve_checkpoint(uri_or_path: str, tracking_uri: str | None = None) -> Path:
+    """A checkpoint directory from a path, or from a `models:/NAME@alias` / `models:/NAME/version`
+    URI (downloaded from the registry)."""
+    if not uri_or_path.startswith("models:/"):
+        path = Path(uri_or_path)
+        if not (path / "dense.pt").is_file():
+            raise FileNotFoundError(f"{path}: not a checkpoint directory (no dense.pt)")
+        return path
+    import tempfile
+
+    import mlflow.artifacts
+
+    target = Path(tempfile.mkdtemp(prefix="mm-model-"))
+    path = mlflow.artifacts.download_artifacts(
+        artifact_uri=uri_or_path, dst_path=str(target), tracking_uri=tracking_uri
+    )
+    return Path(path) / "artifacts" / "checkpoint"

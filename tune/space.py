@@ -1,0 +1,71 @@
+"""The sweep's search space, from the config's `tune.space`, and a trial's config from its
+sampled parameters.
+
+Parameters, flat so every searcher and scheduler can handle them:
+
+    mix/<task>        a task's mixing weight (space.mixing: weights), normalised by the sampler
+    temperature       temperature over corpus sizes (space.mixing: temperature)
+    capacity_factor   MoE capacity factor
+    k                 experts per token
+    lr                peak learning rate
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from mm.config import Config
+
+MIX = "mix/"
+
+
+def search_space(config: Config) -> dict[str, Any]:
+    from ray import tune
+
+    space = config.tune.space
+    grid = config.tune.search == "grid"
+    choice = tune.grid_search if grid else tune.choice
+
+    def log_range(low_high: tuple[float, float]):
+        low, high = low_high
+        return tune.grid_search([low, (low * high) ** 0.5, high]) if grid else tune.loguniform(low, high)
+
+    params: dict[str, Any] = {"capacity_factor": choice(space.capacity_factor), "k": choice(space.k)}
+    if space.lr is not None:
+        params["lr"] = log_range(space.lr)
+    if space.mixing == "weights":
+        for task in space.tasks or config.task_names:
+            params[f"{MIX}{task}"] = tune.loguniform(*space.weight)
+    elif space.mixing == "temperature":
+        params["temperature"] = log_range(space.temperature)
+    return params
+
+
+def trial_config(base: Config, params: dict[str, Any]) -> Config:
+    """The base config with a trial's parameters applied (validated again as a whole)."""
+    raw = copy.deepcopy(base.model_dump(mode="json"))
+    moe = raw["model"]["moe"]
+    moe["capacity_factor"] = float(params.get("capacity_factor", moe["capacity_factor"]))
+    moe["k"] = int(params.get("k", moe["k"]))
+    if "lr" in params:
+        raw["train"]["lr"] = float(params["lr"])
+    weights = {key[len(MIX) :]: float(value) for key, value in params.items() if key.startswith(MIX)}
+    if weights:
+        raw["train"]["mixing"]["strategy"] = "ratios"
+        for task in raw["tasks"]:
+            task["mix_weight"] = weights.get(task["name"], task.get("mix_weight") or 1.0)
+    if "temperature" in params:
+        raw["train"]["mixing"].update(strategy="temperature", temperature=float(params["temperature"]))
+    # every report a trial makes must carry the objective: evaluate whenever it checkpoints
+    raw["train"]["checkpoint_every"] = raw["train"]["eval_every"]
+    return type(base).model_validate(raw)
+
+
+def mixing_ratios(config: Config) -> dict[str, float]:
+    """Each task's share of the steps under this config's mixing (for the sweep's plots)."""
+    from mm.train import TaskSampler
+
+    ratios = {t.name: t.mix_weight for t in config.tasks if t.mix_weight is not None}
+    sampler = TaskSampler(config.task_names, config.train.mixing, config.seed, ratios=ratios)
+    return dict(zip(config.task_names, sampler.probabilities().tolist(), strict=True))

@@ -1,0 +1,213 @@
+"""`mm tune CONFIG`: a Ray Tune sweep over mixing ratios, MoE capacity, k and learning rate.
+
+Every trial is a Ray Train run (Train V2: the trial function builds the `TorchTrainer`; its
+workers' reports reach Tune through `TuneReportCallback`). The objective is the mean over tasks
+of each task's primary dev metric, normalised (`mm.metrics.aggregate_score`): against
+`tune.reference` scores where given (1.0 = as good as the reference, e.g. the task's
+single-task run), else over the metric's range (BLEU / 100, accuracy, 1 - WER, F1 / 100).
+
+Schedulers: ASHA (stops poor trials at evaluations), FIFO, or Population Based Training, which
+runs each trial in segments of `tune.pbt_interval` steps and between segments copies a better
+trial's checkpoint and perturbs the mixing weights — the result is a mixing *schedule*.
+Searchers: random or grid (Tune's basic variant generator), Optuna when asked.
+
+MLflow: the sweep is a parent run; each trial a nested child run. The parent gets a summary
+table and plots, and the best trial's model is registered (`tune.registry`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from cluster.data import check_shards, load_manifests
+from cluster.job import connect, train
+from cluster.tracking import client, resolve_tracking_uri, start_run
+from mm.config import Config, parse_config
+from mm.shards import VOCAB
+from mm.vocab import Vocabulary
+from tune.space import MIX, search_space, trial_config
+
+
+@dataclass
+class Trial:
+    name: str
+    params: dict[str, Any]
+    objective: float | None
+    metrics: dict[str, float]
+    checkpoint: str | None
+    run_id: str | None
+    error: str | None = None
+
+
+@dataclass
+class SweepResult:
+    parent_run_id: str
+    tracking_uri: str
+    trials: list[Trial]
+    best: Trial | None
+    registered: dict[str, Any] = field(default_factory=dict)
+
+
+def sweep(config: Config, address: str | None = None, register: bool = True, log=print) -> SweepResult:
+    from ray import tune
+
+    vocab = Vocabulary.load(Path(config.data.shards) / VOCAB)
+    check_shards(config, vocab, load_manifests(config))  # fail here, not in every trial
+    connect(address)
+    uri = resolve_tracking_uri(config.mlflow.tracking_uri)
+    parent = start_run(uri, config, run_name=f"{config.name}-sweep")
+    client(uri).set_tag(parent, "mm.sweep", "true")
+
+    trainable = tune.with_resources(
+        partial(run_trial, base=config.model_dump(mode="json"), parent_run_id=parent, tracking_uri=uri),
+        {"CPU": 0},  # the trial only waits on its TorchTrainer, whose workers hold the CPUs
+    )
+    tuner = tune.Tuner(
+        trainable,
+        param_space=search_space(config),
+        tune_config=tune.TuneConfig(
+            metric="objective",
+            mode="max",
+            num_samples=1 if config.tune.search == "grid" else config.tune.trials,
+            max_concurrent_trials=config.tune.max_concurrent,
+            scheduler=_scheduler(config),
+            search_alg=_searcher(config),
+        ),
+        run_config=tune.RunConfig(
+            name=f"{config.name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=str(Path(config.cluster.storage_path).absolute()),
+            failure_config=tune.FailureConfig(max_failures=0),
+            verbose=1,
+        ),
+    )
+    grid = tuner.fit()
+    trials = [_trial_of(result) for result in grid]
+    finished = [t for t in trials if t.objective is not None and t.checkpoint]
+    best = max(finished, key=lambda t: t.objective) if finished else None
+    outcome = SweepResult(parent, uri, trials, best)
+    _log_summary(outcome, config)
+    if register and best is not None:
+        from tune.registry import register_and_promote
+
+        outcome.registered = register_and_promote(config, uri, best, parent, log=log)
+    client(uri).set_terminated(parent, status="FINISHED" if best else "FAILED")
+    return outcome
+
+
+def run_trial(params: dict[str, Any], base: dict[str, Any], parent_run_id: str, tracking_uri: str) -> None:
+    """One trial: the base config with the trial's parameters, trained as a Ray Train run."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    config = trial_config(parse_config(base, source="sweep"), params)
+    name = tune.get_context().get_trial_name()
+    if config.tune.scheduler == "pbt":
+        _run_in_segments(config, name, parent_run_id)
+    else:
+        train(config, run_name=name, parent_run_id=parent_run_id, callbacks=[TuneReportCallback()])
+
+
+def _run_in_segments(config: Config, name: str, parent_run_id: str) -> None:
+    """PBT: train `pbt_interval` steps at a time, each segment resuming from the last checkpoint
+    (perhaps another trial's, with perturbed mixing weights) and reported to Tune with it."""
+    from ray import tune
+
+    total = config.train.steps
+    checkpoint = tune.get_checkpoint()
+    state = json.loads(Path(checkpoint.path, "segment.json").read_text()) if checkpoint else {"step": 0}
+    run_id = state.get("run_id")
+    step = state["step"]
+    while step < total:
+        config.train.steps = min(step + config.tune.pbt_interval, total)
+        config.train.eval_every = config.train.checkpoint_every = config.train.steps
+        resume = checkpoint.path if checkpoint else None
+        result = train(config, resume=resume, run_name=name, parent_run_id=parent_run_id, run_id=run_id)
+        run_id, step = result.run_id, config.train.steps
+        Path(result.checkpoint, "segment.json").write_text(json.dumps({"step": step, "run_id": run_id}))
+        metrics = {**result.metrics, "checkpoint_path": str(result.checkpoint)}
+        checkpoint = tune.Checkpoint.from_directory(str(result.checkpoint))
+        tune.report(metrics, checkpoint=checkpoint)
+
+
+def _scheduler(config: Config):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+
+    settings = config.tune
+    if settings.scheduler == "asha":
+        max_t = max(config.train.steps // config.train.eval_every, 1)
+        grace = min(settings.grace_period, max_t)
+        return ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=max_t,
+            grace_period=grace,
+            reduction_factor=settings.reduction_factor,
+        )
+    if settings.scheduler == "pbt":
+        space = search_space(config)
+        mutations = {key: space[key] for key in space if key.startswith(MIX) or key == "temperature"}
+        return PopulationBasedTraining(
+            time_attr="training_iteration", perturbation_interval=1, hyperparam_mutations=mutations
+        )
+    return FIFOScheduler()
+
+
+def _searcher(config: Config):
+    if config.tune.search != "optuna":
+        return None  # Tune's variant generator: random sampling, grid_search entries as a grid
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch(seed=config.seed)
+
+
+def _trial_of(result) -> Trial:
+    metrics = dict(result.metrics or {})
+    params = {k: v for k, v in (result.config or {}).items()}
+    error = None if result.error is None else f"{type(result.error).__name__}: {str(result.error)[:300]}"
+    return Trial(
+        name=Path(result.path).name if result.path else "?",
+        params=params,
+        objective=metrics.get("objective"),
+        metrics={k: v for k, v in metrics.items() if isinstance(v, int | float)},
+        checkpoint=metrics.get("checkpoint_path"),
+        run_id=metrics.get("mlflow_run_id"),
+        error=error,
+    )
+
+
+def _log_summary(outcome: SweepResult, config: Config) -> None:
+    """A table of the trials and two plots on the parent run."""
+    from tune.plots import metric_vs_ratio_plot, objective_plot
+
+    mlflow = client(outcome.tracking_uri)
+    rows = [
+        {
+            "trial": t.name,
+            "objective": t.objective,
+            "error": t.error or "",
+            "run_id": t.run_id or "",
+            **t.params,
+        }
+        for t in outcome.trials
+    ]
+    mlflow.log_table(
+        outcome.parent_run_id,
+        data={k: [r.get(k) for r in rows] for k in rows[0]},
+        artifact_file="trials.json",
+    )
+    mlflow.log_figure(outcome.parent_run_id, objective_plot(outcome.trials), "objective_per_trial.png")
+    mlflow.log_figure(
+        outcome.parent_run_id, metric_vs_ratio_plot(outcome.trials, config), "metric_vs_mixing_ratio.png"
+    )
+    if outcome.best is not None:
+        mlflow.log_metric(outcome.parent_run_id, "best/objective", outcome.best.objective)
+        mlflow.set_tag(outcome.parent_run_id, "best_trial", outcome.best.name)
+    failed = [t.name for t in outcome.trials if t.error]
+    mlflow.set_tag(outcome.parent_run_id, "failed_trials", ", ".join(failed) or "none")
+    for trial in outcome.trials:  # runs of trials that ASHA stopped never finished by themselves
+        if trial.run_id and mlflow.get_run(trial.run_id).info.status == "RUNNING":
+            mlflow.set_terminated(trial.run_id, status="KILLED")
