@@ -8,6 +8,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+
+from mm.batch import EOS, FIRST_COMMAND_ID
+from mm.config import ModelConfig
+from mm.model import MultiModel
+from mm.shards import VOCAB, bytes_to_array, collate, load_manifest, part_files
+from mm.tasks import TaskSpec
+from mm.vocab import Vocabulary
+from pipelines.prepare import prepare
+from pipelines.readers.imagenet import ImageNetReader
+
 from corpora import (
     LINEARISED,
     SENTENCES,
@@ -22,15 +32,6 @@ from corpora import (
     write_tsv,
     write_wmt,
 )
-
-from mm.batch import EOS, FIRST_COMMAND_ID
-from mm.config import ModelConfig
-from mm.model import MultiModel
-from mm.shards import VOCAB, bytes_to_array, collate, load_manifest, part_files
-from mm.tasks import TaskSpec
-from mm.vocab import Vocabulary
-from pipelines.prepare import prepare
-from pipelines.readers.imagenet import ImageNetReader
 
 WRITERS = {
     "imagenet": (write_imagenet, "imagenet", {}),

@@ -9,13 +9,14 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-from corpora import make_config, task_entry, write_imagenet, write_ptb, write_tsv, write_wmt
 
 from mm.shards import load_manifest, part_files
 from pipelines.prepare import PrepareError, main, prepare
 from pipelines.publish import STAGING, clean_up_staging, swap_into_place, task_lock
 from pipelines.trees import TreeError, linearise, parse_example, parse_tree, split_trees, strip_function_tags
 from pipelines.vocabulary import reservoir
+
+from corpora import make_config, task_entry, write_imagenet, write_ptb, write_tsv, write_wmt
 
 
 def snapshot(root, task: str) -> dict[str, tuple[int, bytes]]:
