@@ -49,6 +49,9 @@ def train_datasets(config: Config) -> dict[str, Any]:
     """One Ray Dataset per task over its training parts (the driver's side)."""
     import ray.data
 
+    # Ray 2.60's new parquet path (ListFiles -> ReadFiles) takes 6-10 s to a worker's first
+    # batch on 2 cores; the established one 2-3 s, and every task pays it at its first step.
+    ray.data.DataContext.get_current().use_datasource_v2 = False
     return {
         task.name: ray.data.read_parquet([str(p) for p in part_files(config.data.shards, task.name, "train")])
         for task in config.tasks

@@ -105,6 +105,8 @@ def train(
     uri = resolve_tracking_uri(config.mlflow.tracking_uri)
     run_id = run_id or start_run(uri, config, run_name, parent_run_id)
 
+    # Ray Train would echo every line a worker prints twice (once through its logger)
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     cluster = config.cluster
     workers = (cluster.min_workers, cluster.workers) if cluster.min_workers else cluster.workers
     trainer = TorchTrainer(
