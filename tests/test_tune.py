@@ -30,11 +30,12 @@ pytestmark = pytest.mark.slow
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 
 
-def wait_until_up(url: str, process: subprocess.Popen, seconds: float = 120) -> None:
+def wait_until_up(url: str, process: subprocess.Popen, seconds: float = 120, log: Path | None = None) -> None:
     deadline = time.time() + seconds
     while time.time() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{url}: the server exited with {process.returncode}")
+            said = log.read_text()[-3000:] if log else ""
+            raise RuntimeError(f"{url}: the server exited with {process.returncode}\n{said}")
         try:
             with urllib.request.urlopen(url, timeout=2):
                 return
@@ -146,14 +147,17 @@ def test_registered_model_loads_back_with_pyfunc_and_predicts(swept):
 def test_mlflow_models_serve_answers_invocations(swept, tmp_path):
     result, _ = swept
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": result.tracking_uri}
+    # the server runs `uvicorn` from PATH: the virtualenv's bin, as in an activated venv
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": result.tracking_uri, "PATH": path}
+    log = tmp_path / "serve.log"
     process = subprocess.Popen(
         [MLFLOW, "models", "serve", "-m", "models:/tiny-mm@champion", "--env-manager", "local",
          "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
-        wait_until_up(f"http://127.0.0.1:{port}/ping", process)
+        wait_until_up(f"http://127.0.0.1:{port}/ping", process, log=log)
         body = json.dumps({"dataframe_records": [{"task": "reverse", "input": "green dog"}]}).encode()
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}

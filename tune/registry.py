@@ -129,4 +129,7 @@ def resolve_checkpoint(uri_or_path: str, tracking_uri: str | None = None) -> Pat
     path = mlflow.artifacts.download_artifacts(
         artifact_uri=uri_or_path, dst_path=str(target), tracking_uri=tracking_uri
     )
-    return Path(path) / "artifacts" / "checkpoint"
+    found = sorted((Path(path) / "artifacts").rglob("dense.pt"))  # the folder keeps its run's name
+    if not found:
+        raise FileNotFoundError(f"{uri_or_path}: the model holds no multimodel checkpoint")
+    return found[0].parent

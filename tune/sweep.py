@@ -65,7 +65,7 @@ def sweep(config: Config, address: str | None = None, register: bool = True, log
 
     trainable = tune.with_resources(
         partial(run_trial, base=config.model_dump(mode="json"), parent_run_id=parent, tracking_uri=uri),
-        {"CPU": 0},  # the trial only waits on its TorchTrainer, whose workers hold the CPUs
+        {"CPU": 0.01},  # the trial only waits on its TorchTrainer, whose workers hold the CPUs
     )
     tuner = tune.Tuner(
         trainable,
@@ -167,7 +167,7 @@ def _searcher(config: Config):
 def _trial_of(result) -> Trial:
     metrics = dict(result.metrics or {})
     params = {k: v for k, v in (result.config or {}).items()}
-    error = None if result.error is None else f"{type(result.error).__name__}: {str(result.error)[:300]}"
+    error = None if result.error is None else _last_lines(str(result.error))
     return Trial(
         name=Path(result.path).name if result.path else "?",
         params=params,
@@ -177,6 +177,12 @@ def _trial_of(result) -> Trial:
         run_id=metrics.get("mlflow_run_id"),
         error=error,
     )
+
+
+def _last_lines(traceback: str, lines: int = 4) -> str:
+    """The end of a trial's traceback: the exception and its message."""
+    kept = [line for line in traceback.strip().splitlines() if line.strip()][-lines:]
+    return "\n".join(kept)[-600:]
 
 
 def _log_summary(outcome: SweepResult, config: Config) -> None:
