@@ -179,8 +179,7 @@ class MoE(nn.Module):
 
     def balance_loss(self, routing: Routing) -> Tensor:
         """coef * (CV²(importance) + CV²(load)), over every token of the expert-parallel group."""
-        importance = self.dispatcher.sum_over_group(routing.importance)
-        load = self.dispatcher.sum_over_group(routing.load)
+        importance, load = self.dispatcher.sum_over_group(torch.stack([routing.importance, routing.load]))
         return self.balance_coef * (cv_squared(importance) + cv_squared(load))
 
 
