@@ -37,6 +37,14 @@ class TrainingResult:
     seconds: float
 
 
+def with_absolute_paths(config: Config) -> Config:
+    """A copy whose shard and storage paths no longer depend on the current directory."""
+    config = config.model_copy(deep=True)
+    config.data.shards = Path(config.data.shards).absolute()
+    config.cluster.storage_path = Path(config.cluster.storage_path).absolute()
+    return config
+
+
 def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join the cluster at `address` (or RAY_ADDRESS), else start a local Ray whose dashboard
     listens on 127.0.0.1 only."""
@@ -95,6 +103,7 @@ def train(
     from ray.train.torch import TorchTrainer
 
     started = time.time()
+    config = with_absolute_paths(config)  # workers run in other directories
     vocab = Vocabulary.load(Path(config.data.shards) / VOCAB)
     manifests = load_manifests(config)
     check_shards(config, vocab, manifests)
@@ -127,7 +136,7 @@ def train(
         run_config=ray.train.RunConfig(
             name=f"{run_name or config.name}-{time.strftime('%Y%m%d-%H%M%S')}",
             callbacks=list(callbacks),
-            storage_path=str(Path(cluster.storage_path).absolute()),
+            storage_path=str(cluster.storage_path),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cluster.checkpoints_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=cluster.max_failures),
         ),

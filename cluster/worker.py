@@ -216,6 +216,7 @@ class _Run:
             **self._objective(),
             **self.latest_eval,
             **{f"train/{t}/loss": v for t, v in self.last_loss.items()},
+            **self._timing(),
         }
         with tempfile.TemporaryDirectory() as directory:
             if self.rank == 0 or writes_experts:

@@ -56,6 +56,8 @@ def log_perplexity(logits: Tensor, targets: Tensor) -> float:
 
 def bleu(hypotheses: Sequence[str], references: Sequence[str | Sequence[str]]) -> float:
     """Corpus BLEU (0-100). Each reference may be one string or several (COCO captions)."""
+    if not hypotheses:
+        return 0.0
     refs = [[r] if isinstance(r, str) else list(r) for r in references]
     most = max((len(r) for r in refs), default=1)
     # sacrebleu takes reference *streams*; examples with fewer references repeat their first

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.data import check_shards, load_manifests
-from cluster.job import connect, train
+from cluster.job import connect, train, with_absolute_paths
 from cluster.tracking import client, resolve_tracking_uri, start_run
 from mm.config import Config, parse_config
 from mm.shards import VOCAB
@@ -56,6 +56,7 @@ class SweepResult:
 def sweep(config: Config, address: str | None = None, register: bool = True, log=print) -> SweepResult:
     from ray import tune
 
+    config = with_absolute_paths(config)  # trials run in their own directories
     vocab = Vocabulary.load(Path(config.data.shards) / VOCAB)
     check_shards(config, vocab, load_manifests(config))  # fail here, not in every trial
     connect(address)
@@ -80,7 +81,7 @@ def sweep(config: Config, address: str | None = None, register: bool = True, log
         ),
         run_config=tune.RunConfig(
             name=f"{config.name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=str(Path(config.cluster.storage_path).absolute()),
+            storage_path=str(config.cluster.storage_path),
             failure_config=tune.FailureConfig(max_failures=0),
             verbose=1,
         ),
