@@ -60,7 +60,9 @@ def train_datasets(config: Config) -> dict[str, Any]:
 
     # Ray 2.60's new parquet path (ListFiles -> ReadFiles) takes 6-10 s to a worker's first
     # batch on 2 cores; the established one 2-3 s, and every task pays it at its first step.
-    ray.data.DataContext.get_current().use_datasource_v2 = False
+    context = ray.data.DataContext.get_current()
+    context.use_datasource_v2 = False
+    context.enable_progress_bars = False  # one bar per task per epoch would flood the log
     files = {task.name: part_files(config.data.shards, task.name, "train") for task in config.tasks}
     on_disk = sum(path.stat().st_size for paths in files.values() for path in paths)
     store = ray.cluster_resources().get("object_store_memory", 0)

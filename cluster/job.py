@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.data import check_shards, load_manifests, train_datasets
-from cluster.tracking import client, resolve_tracking_uri, start_run
+from cluster.tracking import client, resolve_tracking_uri, start_metrics_sink, start_run
 from mm.checkpoint import CheckpointError, read_vocab
 from mm.config import Config
 from mm.shards import VOCAB
@@ -124,7 +124,7 @@ def train(
             "config": config.model_dump(mode="json"),
             "vocab": vocab.proto,
             "manifests": {name: m.model_dump(mode="json") for name, m in manifests.items()},
-            "tracking_uri": uri,
+            "metrics_sink": start_metrics_sink(uri),
             "run_id": run_id,
             "resume": str(Path(resume).absolute()) if resume else None,
         },

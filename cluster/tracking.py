@@ -1,11 +1,13 @@
 """MLflow for training runs: one experiment per config name, one run per training job.
 
-The driver resolves the tracking URI (a relative sqlite path becomes absolute, so workers in
-other directories write to the same database; an http server must answer, or the job stops
-before it starts — never a silent fall-back to a local file store), creates the run and logs
-the flattened config. Rank 0 then logs metrics into that run, in batches, when it checkpoints.
-A worker group restarted from a checkpoint replays the steps after it; steps the run already
-holds (the run's `mm.logged_step` tag) are not logged again, so no step is counted twice.
+The driver resolves the tracking URI (a relative sqlite path becomes absolute; an http server
+must answer, or the job stops before it starts — never a silent fall-back to a local file
+store), creates the run and logs the flattened config. Rank 0 then logs metrics into that run,
+in batches, when it checkpoints — through `MetricsSink`, an actor on the driver's node: the
+tracking server may listen on that node's 127.0.0.1 only (cluster.yaml binds it so), and rank 0
+may run on any node. A worker group restarted from a checkpoint replays the steps after it;
+steps the run already holds (its `mm.logged_step` tag) are not logged again, so no step is
+counted twice.
 """
 
 from __future__ import annotations
@@ -80,29 +82,60 @@ def _param_value(value: Any) -> str:
 LOGGED_STEP = "mm.logged_step"
 
 
-class MetricsBuffer:
-    """Rank 0's metrics, written to MLflow in batches; steps already logged are skipped."""
+class MetricsSink:
+    """Writes to the tracking server from the driver's node (a Ray actor there, see
+    `start_metrics_sink`)."""
 
-    def __init__(self, uri: str, run_id: str):
-        self.uri, self.run_id = uri, run_id
-        self.pending: list[Any] = []
-        self.logged_step = int(client(uri).get_run(run_id).data.tags.get(LOGGED_STEP, 0))
+    def __init__(self, uri: str):
+        self.client = client(uri)
+
+    def logged_step(self, run_id: str) -> int:
+        return int(self.client.get_run(run_id).data.tags.get(LOGGED_STEP, 0))
+
+    def log_metrics(self, run_id: str, metrics: list[tuple[str, float, int, int]]) -> None:
+        from mlflow.entities import Metric
+
+        batch = [Metric(key, value, timestamp, step) for key, value, timestamp, step in metrics]
+        for start in range(0, len(batch), 1000):
+            self.client.log_batch(run_id, metrics=batch[start : start + 1000])
+        self.client.set_tag(run_id, LOGGED_STEP, str(max(m.step for m in batch)))
+
+    def log_dict(self, run_id: str, value: Any, path: str) -> None:
+        self.client.log_dict(run_id, value, path)
+
+
+def start_metrics_sink(uri: str):
+    """A `MetricsSink` actor pinned to this (the driver's) node."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0)(MetricsSink).options(scheduling_strategy=here).remote(uri)
+
+
+class MetricsBuffer:
+    """Rank 0's metrics, sent to the sink in batches; steps already logged are skipped."""
+
+    def __init__(self, sink, run_id: str):
+        import ray
+
+        self.sink, self.run_id, self.get = sink, run_id, ray.get
+        self.pending: list[tuple[str, float, int, int]] = []
+        self.logged_step = self.get(sink.logged_step.remote(run_id))
 
     def add(self, step: int, metrics: dict[str, float], replay: bool = True) -> None:
         """`replay=False` for events of this attempt (a resume), logged whatever the step."""
-        from mlflow.entities import Metric
-
         if replay and step <= self.logged_step:
             return  # a replay after a restart: this step is in the run already
         now = int(time.time() * 1000)
-        self.pending += [Metric(key, float(value), now, step) for key, value in metrics.items()]
+        self.pending += [(key, float(value), now, step) for key, value in metrics.items()]
 
     def commit(self) -> None:
         if not self.pending:
             return
-        mlflow = client(self.uri)
-        for start in range(0, len(self.pending), 1000):
-            mlflow.log_batch(self.run_id, metrics=self.pending[start : start + 1000])
-        self.logged_step = max(self.logged_step, max(m.step for m in self.pending))
-        mlflow.set_tag(self.run_id, LOGGED_STEP, str(self.logged_step))
+        self.get(self.sink.log_metrics.remote(self.run_id, self.pending))
+        self.logged_step = max(self.logged_step, max(step for *_, step in self.pending))
         self.pending = []
+
+    def log_dict(self, value: Any, path: str) -> None:
+        self.get(self.sink.log_dict.remote(self.run_id, value, path))

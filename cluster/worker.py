@@ -123,7 +123,7 @@ class _Run:
         self.rank, self.world = rank, world
         self.specs = {spec.name: spec for spec in specs}
         self.run_id = loop_config["run_id"]
-        self.metrics = MetricsBuffer(loop_config["tracking_uri"], self.run_id) if rank == 0 else None
+        self.metrics = MetricsBuffer(loop_config["metrics_sink"], self.run_id) if rank == 0 else None
         self.last_loss: dict[str, float] = {}
         self.window: list[StepLog] = []
         self.step_seconds: list[float] = []
@@ -256,11 +256,8 @@ class _Run:
         return {"perf/step_seconds": median, "perf/first_step_at": self.first_step_at or 0.0}
 
     def finish(self) -> None:
-        if self.metrics is None:
-            return
-        from cluster.tracking import client
-
-        client(self.metrics.uri).log_dict(self.metrics.run_id, self.routing, "routing.json")
+        if self.metrics is not None:
+            self.metrics.log_dict(self.routing, "routing.json")
 
 
 def _short(scores: dict[str, float]) -> str:

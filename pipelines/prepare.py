@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 
 from mm.config import Config, ConfigError, TaskConfig, load_config
@@ -245,7 +246,9 @@ def prepare_split(
 ) -> tuple[SplitStats, list[Part]]:
     assert task.corpus is not None
     started = time.perf_counter()
-    items = items_table(reader.items(task.corpus, split))
+    items = items_table(
+        reader.items(task.corpus, split), shuffle_seed=config.seed if split == "train" else None
+    )
     context = row_context(config, task, split, vocab)
     report = run_split(items, reader, context, staging.incoming(split), config.data.shard_rows)
     stats = SplitStats(
@@ -263,8 +266,14 @@ def prepare_split(
     return stats, report.parts
 
 
-def items_table(items: dict[str, list]) -> pa.Table:
+def items_table(items: dict[str, list], shuffle_seed: int | None = None) -> pa.Table:
+    """The items as a table, numbered in the order they will be written. Training items are
+    shuffled first (deterministically): corpora come sorted — by class, by speaker — and a
+    training stream only shuffles within a small buffer, so sorted shards would give batches
+    of one class."""
     table = pa.table(items)
+    if shuffle_seed is not None:
+        table = table.take(np.random.default_rng(shuffle_seed).permutation(table.num_rows))
     return table.append_column(INDEX, pa.array(range(table.num_rows), pa.int64()))
 
 
