@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: demo test bench lint format venv debian
+.PHONY: demo test bench lint format venv debian test-debian
 
 venv: $(INSTALLED)
 
@@ -18,15 +18,23 @@ $(INSTALLED): pyproject.toml
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-# The starter suite's Debian packages, installed when we are root (as CI is); otherwise the
-# starter tests say which apt-get line to run.
+# Debian packages, installed when we are root (as CI is); otherwise the tests that need them
+# skip and say which apt-get line to run. The starter suite's, for the demo and the tests;
+# sshd and rsync for the test that brings cluster/onprem.yaml up with `ray up`.
+TEST_DEBS := openssh-server rsync
+
 debian: $(INSTALLED)
 	@if [ "$$(id -u)" = 0 ]; then $(PY) -m pipelines.starter --packages-only; fi
 
-demo: $(INSTALLED) debian
-	$(PY) -m mm.selftest
+test-debian: debian
+	@if [ "$$(id -u)" = 0 ] && ! dpkg -s $(TEST_DEBS) >/dev/null 2>&1; then \
+		apt-get install -y -qq --no-install-recommends $(TEST_DEBS) >/dev/null 2>&1 || \
+		(apt-get update -qq && apt-get install -y -qq --no-install-recommends $(TEST_DEBS)); fi
 
-test: $(INSTALLED) debian
+demo: $(INSTALLED) debian
+	$(VENV)/bin/mm demo configs/starter.yaml
+
+test: $(INSTALLED) test-debian
 	$(PY) -m pytest
 
 bench: $(INSTALLED)

@@ -37,14 +37,6 @@ class TrainingResult:
     seconds: float
 
 
-def with_absolute_paths(config: Config) -> Config:
-    """A copy whose shard and storage paths no longer depend on the current directory."""
-    config = config.model_copy(deep=True)
-    config.data.shards = Path(config.data.shards).absolute()
-    config.cluster.storage_path = Path(config.cluster.storage_path).absolute()
-    return config
-
-
 def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join the cluster at `address` (or RAY_ADDRESS), else start a local Ray whose dashboard
     listens on 127.0.0.1 only."""
@@ -76,6 +68,20 @@ def check_resources(config: Config) -> None:
         )
 
 
+def scaling_config(config: Config):
+    """Fixed `cluster.workers`, or elastic between `min_workers` and `workers`: Ray Train
+    restarts the group at another size as nodes come and go, from the latest checkpoint, and
+    the experts are re-sharded on load."""
+    import ray.train
+
+    cluster = config.cluster
+    workers = (cluster.min_workers, cluster.workers) if cluster.min_workers else cluster.workers
+    resources = {"CPU": cluster.cpus_per_worker}  # use_gpu adds one GPU per worker
+    return ray.train.ScalingConfig(
+        num_workers=workers, use_gpu=cluster.use_gpu, resources_per_worker=resources
+    )
+
+
 def check_checkpoint_vocab(checkpoint: Path, vocab: Vocabulary) -> None:
     if not checkpoint.is_dir():
         raise JobError(f"--resume {checkpoint}: no such checkpoint directory")
@@ -103,7 +109,7 @@ def train(
     from ray.train.torch import TorchTrainer
 
     started = time.time()
-    config = with_absolute_paths(config)  # workers run in other directories
+    config = config.resolved()  # workers run in other directories
     vocab = Vocabulary.load(Path(config.data.shards) / VOCAB)
     manifests = load_manifests(config)
     check_shards(config, vocab, manifests)
@@ -114,10 +120,7 @@ def train(
     uri = resolve_tracking_uri(config.mlflow.tracking_uri)
     run_id = run_id or start_run(uri, config, run_name, parent_run_id)
 
-    # Ray Train would echo every line a worker prints twice (once through its logger)
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     cluster = config.cluster
-    workers = (cluster.min_workers, cluster.workers) if cluster.min_workers else cluster.workers
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={
@@ -128,11 +131,7 @@ def train(
             "run_id": run_id,
             "resume": str(Path(resume).absolute()) if resume else None,
         },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=workers,
-            use_gpu=cluster.use_gpu,
-            resources_per_worker={"CPU": cluster.cpus_per_worker},
-        ),
+        scaling_config=scaling_config(config),
         run_config=ray.train.RunConfig(
             name=f"{run_name or config.name}-{time.strftime('%Y%m%d-%H%M%S')}",
             callbacks=list(callbacks),

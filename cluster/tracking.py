@@ -26,9 +26,7 @@ class TrackingError(RuntimeError):
 
 
 def resolve_tracking_uri(uri: str) -> str:
-    """sqlite:///relative.db -> sqlite:////abs/relative.db; http(s) must answer /health."""
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + str(Path(uri[len("sqlite:///") :]).absolute())
+    """The URI to use; an http(s) server must answer /health first."""
     if uri.startswith(("http://", "https://")):
         check_server(uri)
     return uri

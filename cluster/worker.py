@@ -23,7 +23,7 @@ from mm.build import task_specs
 from mm.checkpoint import load_checkpoint, save_checkpoint
 from mm.config import Config, parse_config
 from mm.evaluate import evaluate_task
-from mm.metrics import aggregate_score
+from mm.metrics import aggregate_score, scores_by_task
 from mm.model import MultiModel
 from mm.parallel import DataExpertParallel, SingleProcess
 from mm.shards import Manifest
@@ -242,10 +242,7 @@ class _Run:
         """The sweep's objective: the mean over tasks of each primary dev metric, normalised."""
         if not self.latest_eval:
             return {}
-        scores: dict[str, dict[str, float]] = {}
-        for key, value in self.latest_eval.items():
-            _, task, metric = key.split("/", 2)
-            scores.setdefault(task, {})[metric] = value
+        scores = scores_by_task(self.latest_eval)
         primary = {task.name: task.metrics[0] for task in self.config.tasks}
         return {"objective": aggregate_score(scores, primary, self.config.tune.reference)}
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -71,6 +72,9 @@ class ModelConfig(Section):
     decoder_blocks: int = Field(2, ge=0, description="conv+attention blocks; MoE in the middle")
     image_channels: int = Field(3, ge=1)
     audio_bins: int = Field(80, ge=1)
+    # time steps per audio position: 16 is the image net's 32x less one spatial axis; short
+    # clips (the starter suite's) learn faster at 4
+    audio_downsampling: Literal[2, 4, 8, 16] = 16
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     tie_embeddings: bool = False
     moe: MoEConfig = MoEConfig()
@@ -328,6 +332,22 @@ class Config(Section):
             )
         return self
 
+    def resolved(self, base: str | Path | None = None) -> Config:
+        """A copy whose file paths no longer depend on the current directory: relative ones are
+        taken from `base`, else $MM_WORKDIR, else the current directory. Ray workers, Tune trials
+        and submitted jobs run in directories of their own."""
+        root = Path(base or os.environ.get("MM_WORKDIR") or ".").absolute()
+        config = self.model_copy(deep=True)
+        config.data.shards = root / config.data.shards
+        config.cluster.storage_path = root / config.cluster.storage_path
+        for task in config.tasks:
+            if task.corpus is not None:
+                task.corpus.path = root / task.corpus.path
+        uri = config.mlflow.tracking_uri
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            config.mlflow.tracking_uri = f"sqlite:///{root / uri[len('sqlite:///') :]}"
+        return config
+
     @property
     def command_tokens(self) -> list[str]:
         """The command tokens in a fixed order: they get ids 3, 4, ... in the vocabulary."""
@@ -349,7 +369,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"{path}: expected a mapping of sections at the top, got {type(raw).__name__}")
     for override in overrides:
         raw = apply_override(raw, override, source=str(path))
-    return parse_config(raw, source=str(path))
+    return parse_config(raw, source=str(path)).resolved()
 
 
 def parse_config(raw: dict[str, Any], source: str = "<config>") -> Config:

@@ -178,6 +178,16 @@ def normalized(metric: str, value: float, reference: float | None = None) -> flo
     return (value - worst) / (best - worst)
 
 
+def scores_by_task(metrics: dict[str, float], prefix: str = "eval/") -> dict[str, dict[str, float]]:
+    """{task: {metric: value}} from flat run metrics named `<prefix><task>/<metric>`."""
+    scores: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        if key.startswith(prefix) and key.count("/") == prefix.count("/") + 1:
+            task, metric = key[len(prefix) :].split("/")
+            scores.setdefault(task, {})[metric] = value
+    return scores
+
+
 def aggregate_score(
     scores: dict[str, dict[str, float]],
     primary: dict[str, str],

@@ -39,35 +39,40 @@ def masked_channels_first(x: Tensor, mask: Tensor | None, fill: float = 0.0) -> 
 
 class ResidualDownBlock(nn.Module):
     """Xception's residual block: two separable 3x3 convs and a strided 3x3 max-pool, plus a
-    strided 1x1 conv on the skip path. Channels-first, 1-D (maskable over time) or 2-D."""
+    strided 1x1 conv on the skip path. Channels-first, 1-D (maskable over time) or 2-D.
+    With stride 1 the same block keeps the resolution."""
 
-    def __init__(self, c_in: int, c_out: int, dims: int):
+    def __init__(self, c_in: int, c_out: int, dims: int, stride: int = 2):
         super().__init__()
-        self.dims = dims
+        self.dims, self.stride = dims, stride
         self.sep1, self.norm1 = SeparableConv(c_in, c_out, 3, dims), ChannelNorm(c_out)
         self.sep2, self.norm2 = SeparableConv(c_out, c_out, 3, dims), ChannelNorm(c_out)
-        self.skip = (nn.Conv1d if dims == 1 else nn.Conv2d)(c_in, c_out, 1, stride=2)
+        self.skip = (nn.Conv1d if dims == 1 else nn.Conv2d)(c_in, c_out, 1, stride=stride)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         x = masked_channels_first(x, mask)
         h = self.norm1(self.sep1(F.relu(x)))
         h = self.norm2(self.sep2(masked_channels_first(F.relu(h), mask)))
         pool = F.max_pool1d if self.dims == 1 else F.max_pool2d
-        h = pool(masked_channels_first(h, mask, float("-inf")), 3, 2, 1)
-        mask = downsample_mask(mask)
+        h = pool(masked_channels_first(h, mask, float("-inf")), 3, self.stride, 1)
+        mask = downsample_mask(mask) if self.stride == 2 else mask
         return masked_channels_first(h + self.skip(x), mask), mask
 
 
 class XceptionEntry(nn.Module):
-    """conv 3x3 stride 2 to 32, conv 3x3 to 64, then residual blocks to min(128,d), min(256,d), d."""
+    """conv 3x3 stride 2 to 32, conv 3x3 to 64, then residual blocks to min(128,d), min(256,d), d.
+    The first `strided_blocks` residual blocks halve the resolution (all three: 16x in all)."""
 
-    def __init__(self, c_in: int, d: int, dims: int):
+    def __init__(self, c_in: int, d: int, dims: int, strided_blocks: int = 3):
         super().__init__()
         conv = nn.Conv1d if dims == 1 else nn.Conv2d
         self.conv1, self.norm1 = conv(c_in, 32, 3, stride=2, padding=1), ChannelNorm(32)
         self.conv2, self.norm2 = conv(32, 64, 3, padding=1), ChannelNorm(64)
         widths = [64, min(128, d), min(256, d), d]
-        self.blocks = nn.ModuleList(ResidualDownBlock(a, b, dims) for a, b in zip(widths, widths[1:]))
+        self.blocks = nn.ModuleList(
+            ResidualDownBlock(a, b, dims, stride=2 if i < strided_blocks else 1)
+            for i, (a, b) in enumerate(zip(widths, widths[1:]))
+        )
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         x = F.relu(self.norm1(self.conv1(masked_channels_first(x, mask))))
@@ -96,11 +101,12 @@ class ImageInput(nn.Module):
 
 
 class AudioInput(nn.Module):
-    """Log-mel frames [B, T, bins] with lengths [B] -> [B, ~T/16, d], striding over time only."""
+    """Log-mel frames [B, T, bins] with lengths [B] -> [B, ~T/downsampling, d], striding over
+    time only (downsampling 2, 4, 8 or 16)."""
 
-    def __init__(self, d: int, bins: int):
+    def __init__(self, d: int, bins: int, downsampling: int = 16):
         super().__init__()
-        self.entry = XceptionEntry(bins, d, dims=1)
+        self.entry = XceptionEntry(bins, d, dims=1, strided_blocks=int(math.log2(downsampling)) - 1)
 
     def forward(self, frames: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         mask = torch.arange(frames.shape[1], device=frames.device)[None, :] < lengths[:, None]

@@ -145,7 +145,9 @@ class MultiModel(nn.Module):
         d = config.d_model
         modalities = {t.input_modality for t in tasks}
         self.image_in = ImageInput(d, config.image_channels) if "image" in modalities else None
-        self.audio_in = AudioInput(d, config.audio_bins) if "audio" in modalities else None
+        self.audio_in = (
+            AudioInput(d, config.audio_bins, config.audio_downsampling) if "audio" in modalities else None
+        )
         self.text_in = TextInput(vocab_size, d)  # also embeds the decoder's (shifted) targets
         self.encoder = Encoder(config)
         self.mixer = Mixer(config)

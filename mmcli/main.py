@@ -75,6 +75,25 @@ def _tune(args: argparse.Namespace) -> None:
         console.print(f"registered {r['name']} v{r['version']} as {r['alias']}: {r['reason']}")
 
 
+def _demo(args: argparse.Namespace) -> None:
+    from rich.console import Console
+
+    from mmcli.tables import task_metric_table
+    from tune.demo import run_demo
+
+    console = Console()
+    result = run_demo(_load(args), address=args.address, log=lambda line: console.print(line, markup=False))
+    flat = {
+        f"test/{task}/{metric}": value
+        for task, values in result.test.items()
+        for metric, value in values.items()
+    }
+    console.print(task_metric_table(flat, "starter suite: test split", prefix="test/"))
+    chance = ", ".join(f"{task} {value:.3g}" for task, value in result.chance.items())
+    console.print(f"chance level of each task's first metric: {chance}")
+    console.print(f"report: {result.report}")
+
+
 def _tracking_uri(args: argparse.Namespace) -> str | None:
     import os
 
@@ -144,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--workers", help="N, or MIN-MAX for elastic training")
     train.add_argument("--resume", help="checkpoint directory to continue from")
     train.set_defaults(run=_train)
+
+    demo = commands.add_parser("demo", help="the main job: starter suite, prepare, train, register, report")
+    _with_config(demo).set_defaults(run=_demo)
 
     tune = _with_config(
         commands.add_parser("tune", help="sweep mixing ratios and MoE capacity with Ray Tune")

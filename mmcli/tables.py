@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 from rich.table import Table
+
+from mm.metrics import scores_by_task
 
 
 def task_metric_table(metrics: dict[str, float], title: str, prefix: str = "eval/") -> Table:
     """One row per task, one column per metric, from keys like `eval/<task>/<metric>`."""
-    rows: dict[str, dict[str, float]] = defaultdict(dict)
-    for key, value in metrics.items():
-        if key.startswith(prefix) and key.count("/") >= 2:
-            _, task, metric = key.split("/", 2)
-            rows[task][metric] = value
+    rows = scores_by_task(metrics, prefix)
     columns = sorted({metric for values in rows.values() for metric in values})
     table = Table(title=title)
     table.add_column("task")

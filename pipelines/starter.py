@@ -54,6 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -62,7 +63,7 @@ from pathlib import Path
 import numpy as np
 
 # Bump when the files written change, so an older build is not taken for a current one.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SPLITS = ("train", "dev", "test")
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -140,6 +141,11 @@ class Size:
     en_fr_words: int
     speech_words: int
     parse_words: int
+    # Speech: sentences made only of the N most frequent Ding words (None: any), so that the dev
+    # and test sentences, though never heard in training, use words it heard; and how many
+    # voices speak each training sentence.
+    speech_vocabulary: int | None = None
+    speech_voices: int = 1
 
 
 SIZES = {
@@ -170,6 +176,8 @@ SIZES = {
         en_fr_words=12,
         speech_words=6,
         parse_words=10,
+        speech_vocabulary=800,
+        speech_voices=2,
     ),
     "full": Size(
         images=Counts(None, 5000, 10000),
@@ -737,13 +745,27 @@ def write_transcripts(split_dir: Path, utterances: Sequence[Utterance]) -> None:
         (chapter_dir / f"{speaker}-{chapter}.trans.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+def frequent_words(count: int | None) -> set[str] | None:
+    """The `count` most frequent words of Ding's English sentences, as transcripts spell them."""
+    if count is None:
+        return None
+    words = Counter(w for en, _ in ding_sentence_pairs() for w in librispeech_transcript(en).split())
+    return {word for word, _ in words.most_common(count)}
+
+
 def build_librispeech(dst: Path, size: Size, seed: int) -> dict[str, int]:
-    sentences = [s for s in ding_english(size.speech_words, keep=speakable) if librispeech_transcript(s)]
+    vocabulary = frequent_words(size.speech_vocabulary)
+
+    def usable(sentence: str) -> bool:
+        words = librispeech_transcript(sentence).split()
+        return bool(words) and (vocabulary is None or all(w in vocabulary for w in words))
+
+    sentences = [s for s in ding_english(size.speech_words, keep=speakable) if usable(s)]
     splits = take_splits(shuffled(sentences, seeded(seed, "librispeech")), size.speech, "librispeech")
 
     jobs = []  # (text, voice, flac path)
     for split, split_sentences in splits.items():
-        utterances = plan_utterances(split, split_sentences)
+        utterances = plan_utterances(split, utterances_of(split, size, split_sentences))
         write_transcripts(dst / split, utterances)
         for u in utterances:
             jobs.append((u.sentence.replace("’", "'"), u.voice, u.chapter_dir(dst / split) / f"{u.id}.flac"))
@@ -753,7 +775,11 @@ def build_librispeech(dst: Path, size: Size, seed: int) -> dict[str, int]:
         done = pool.map(lambda job: synthesize(*job, Path(scratch)), jobs)
         for _ in progress(done, "librispeech", total=len(jobs)):
             pass
-    return {split: len(split_sentences) for split, split_sentences in splits.items()}
+    return {split: len(utterances_of(split, size, sentences)) for split, sentences in splits.items()}
+
+
+def utterances_of(split: str, size: Size, sentences: Sequence[str]) -> list[str]:
+    return [s for s in sentences for _ in range(size.speech_voices if split == "train" else 1)]
 
 
 # --------------------------------------------------------------------------------------------

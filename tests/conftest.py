@@ -1,6 +1,14 @@
-"""Shared fixtures. Tests build their own tiny data; `starter` tests use the starter suite."""
+"""Shared fixtures. Tests build their own tiny data; `starter` tests use the starter suite.
+
+Tests marked `owns_ray` start and stop Ray clusters with `ray start` / `ray up` / `ray stop`,
+which act on every Ray process of the machine: they run last, after the session's local Ray
+has been shut down.
+"""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,3 +54,28 @@ def ray_local(tmp_path_factory):
         )
     yield ray
     ray.shutdown()
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.get_closest_marker("owns_ray") is not None)  # stable: order kept
+
+
+@pytest.fixture
+def own_ray():
+    """For tests that run `ray start`/`ray stop`: the session's local Ray must be gone first."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    yield
+
+
+@pytest.fixture(scope="session")
+def starter_suite(tmp_path_factory):
+    """The `small` starter suite, built once per session (or reused from $MM_STARTER_DIR)."""
+    from pipelines import starter
+
+    if starter.missing_packages(starter.PACKAGES):
+        pytest.skip("starter Debian packages not installed: " + starter.apt_install_line(starter.PACKAGES))
+    root = Path(os.environ.get("MM_STARTER_DIR") or tmp_path_factory.mktemp("starter") / "starter")
+    return root, starter.build_starter(root, size="small", seed=0)

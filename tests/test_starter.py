@@ -9,7 +9,6 @@ instead of building one in a temporary directory.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -280,21 +279,18 @@ def test_refuses_to_replace_a_foreign_directory(tmp_path):
 # The real small suite (slow: about a minute on 2 cores)
 
 
-@pytest.fixture(scope="module")
-def small_suite(tmp_path_factory):
-    root = Path(os.environ.get("MM_STARTER_DIR") or tmp_path_factory.mktemp("starter") / "starter")
-    summary = starter.build_starter(root, size="small", seed=0)
-    return root, summary
-
-
 @pytest.mark.starter
 @needs_packages
-def test_small_suite(small_suite):
-    root, summary = small_suite
+def test_small_suite(starter_suite):
+    root, summary = starter_suite
     assert check_suite(root) == summary
     assert summary["fashion_mnist"] == {"train": 6000, "dev": 500, "test": 500}
     assert summary["wmt_en_de"]["train"] == 8000
     assert summary["wmt_en_fr"]["train"] >= 3000
     assert summary["coco_emoji"]["dev"] == 400
-    assert summary["librispeech"] == {"train": 1200, "dev": 100, "test": 100}
+    assert summary["librispeech"] == {
+        "train": 2400,
+        "dev": 100,
+        "test": 100,
+    }  # 2 voices per training sentence
     assert summary["ptb"] == {"train": 3000, "dev": 200, "test": 200}

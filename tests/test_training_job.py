@@ -156,3 +156,46 @@ def test_bad_inputs_are_caught_before_any_worker_starts(ray_local, shards, tmp_p
     (other / "vocab.model").write_bytes((shards / "vocab.model").read_bytes())
     with pytest.raises(ShardError, match="shards were made with vocabulary"):
         train(job_config(other, tmp_path))
+
+
+def test_report_of_a_run_has_metrics_beside_chance_curves_and_expert_routing(
+    two_worker_run, shards, tmp_path
+):
+    from cluster.data import read_rows
+    from mm.metrics import scores_by_task
+    from tune.predictor import Predictor
+    from tune.report import chance_levels, write_report
+
+    result, tmp = two_worker_run
+    config = job_config(shards, tmp)
+    predictor = Predictor(result.checkpoint)
+    dev = scores_by_task(result.metrics)
+    again = predictor.evaluate(config.data.shards, "dev", config.train.eval_examples)
+    # the whole model in one process scores the dev rows as the two workers did together
+    assert again["patches"]["accuracy"] == pytest.approx(dev["patches"]["accuracy"])
+    assert again["reverse"]["log_ppl"] == pytest.approx(dev["reverse"]["log_ppl"], rel=1e-4)
+    references = {
+        t: list(read_rows(config.data.shards, t, "dev", 8)["references"]) for t in ("reverse", "patches")
+    }
+    chance = chance_levels(config, list(predictor.records.values()), references)
+    assert chance == {"reverse": 0.0, "patches": 0.25}
+    report = write_report(
+        tmp_path / "report", config, result.tracking_uri, result.run_id, dev, again, chance, {}
+    )
+    text = report.read_text()
+    assert "| patches | accuracy |" in text and "| reverse | bleu |" in text
+    for image in ("learning_curves.png", "dev_metrics.png", "expert_routing.png"):
+        assert (report.parent / image).stat().st_size > 1000
+
+
+def test_workers_min_max_maps_to_elastic_scaling(shards, tmp_path):
+    from cluster.job import scaling_config
+    from mmcli.main import build_parser
+
+    fixed = scaling_config(job_config(shards, tmp_path))
+    assert fixed.num_workers == 2 and not fixed.elasticity_enabled
+    args = build_parser().parse_args(["train", "c.yaml", "--workers", "1-4"])
+    assert args.workers == "1-4"
+    elastic = scaling_config(job_config(shards, tmp_path, cluster={"workers": 4, "min_workers": 1}))
+    assert elastic.num_workers == (1, 4) and elastic.elasticity_enabled
+    assert elastic.resources_per_worker == {"CPU": 0.5}

@@ -74,16 +74,26 @@ def checkpoint_score(config: Config, checkpoint: str | Path) -> tuple[float, dic
 
 
 def register_and_promote(
-    config: Config, tracking_uri: str, best, parent_run_id: str, log=print
+    config: Config,
+    tracking_uri: str,
+    run_id: str,
+    checkpoint: str | Path,
+    tag_run_id: str | None = None,
+    score: float | None = None,
+    log=print,
 ) -> dict[str, Any]:
+    """Register `checkpoint` (logged to `run_id`) and move `champion` to it if it scores higher
+    than the current champion on the same dev sets, else call it `challenger`. `score`: the
+    checkpoint's aggregate on those dev sets when already known. The outcome is also tagged on
+    `tag_run_id` (a sweep's parent run), or on `run_id`."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
     name = config.mlflow.model_name or config.name
-    version = log_pyfunc(config, tracking_uri, best.run_id, best.checkpoint)
-    score, _ = checkpoint_score(config, best.checkpoint)
+    version = log_pyfunc(config, tracking_uri, run_id, checkpoint)
+    if score is None:
+        score, _ = checkpoint_score(config, checkpoint)
     client.set_model_version_tag(name, version, "aggregate_score", f"{score:.6f}")
-    client.set_model_version_tag(name, version, "sweep_run_id", parent_run_id)
 
     champion = _champion(client, name)
     if champion is None:
@@ -101,7 +111,7 @@ def register_and_promote(
             )
     client.set_registered_model_alias(name, alias, version)
     client.set_model_version_tag(name, version, "promotion", reason)
-    client.set_tag(parent_run_id, "promotion", f"v{version} -> {alias}: {reason}")
+    client.set_tag(tag_run_id or run_id, "promotion", f"v{version} -> {alias}: {reason}")
     log(f"[mm] registered {name} v{version} as {alias}: {reason}")
     return {"name": name, "version": int(version), "alias": alias, "score": score, "reason": reason}
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.data import check_shards, load_manifests
-from cluster.job import connect, train, with_absolute_paths
+from cluster.job import connect, train
 from cluster.tracking import client, resolve_tracking_uri, start_run
 from mm.config import Config, parse_config
 from mm.shards import VOCAB
@@ -56,7 +56,7 @@ class SweepResult:
 def sweep(config: Config, address: str | None = None, register: bool = True, log=print) -> SweepResult:
     from ray import tune
 
-    config = with_absolute_paths(config)  # trials run in their own directories
+    config = config.resolved()  # trials run in their own directories
     vocab = Vocabulary.load(Path(config.data.shards) / VOCAB)
     check_shards(config, vocab, load_manifests(config))  # fail here, not in every trial
     connect(address)
@@ -95,7 +95,9 @@ def sweep(config: Config, address: str | None = None, register: bool = True, log
     if register and best is not None:
         from tune.registry import register_and_promote
 
-        outcome.registered = register_and_promote(config, uri, best, parent, log=log)
+        outcome.registered = register_and_promote(
+            config, uri, best.run_id, best.checkpoint, parent, best.objective, log=log
+        )
     client(uri).set_terminated(parent, status="FINISHED" if best else "FAILED")
     return outcome
 

@@ -1,0 +1,163 @@
+"""The cluster workflow for real: cluster configs pass Ray's validation; `ray start` + `ray job
+submit` prepare and train the starter config; `ray up` brings cluster/onprem.yaml up on
+127.0.0.1 (sshd started per connection through ssh_proxy_command), runs a job, `ray down`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from benchmarks.common import free_port
+from cluster.tracking import client
+from mm.shards import load_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+RAY = str(BIN / "ray")
+
+
+def ray_env(**extra: str) -> dict[str, str]:
+    # `mm` and `ray` from this virtualenv; jobs authenticate with the token Ray writes
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token", **extra}
+
+
+def run(*command: str, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=ray_env(), **kwargs)
+    assert result.returncode == 0, (
+        f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )
+    return result
+
+
+def test_cluster_configs_pass_ray_validation_and_bind_servers_to_localhost():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    for path in (REPO / "cluster.yaml", REPO / "cluster" / "onprem.yaml"):
+        config = yaml.safe_load(path.read_text())
+        validate_config(prepare_config(config))
+        start = " ".join(config["head_start_ray_commands"])
+        assert "--dashboard-host=127.0.0.1" in start, path
+        assert "mlflow server --host 127.0.0.1" in start, path
+        assert any("pip install --quiet -e ~/multimodel" in c for c in config["setup_commands"]), path
+    aws = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    assert aws["provider"]["type"] == "aws" and aws["available_node_types"]["gpu_worker"]["max_workers"] > 0
+    assert "object_spilling_config" in " ".join(aws["head_start_ray_commands"])
+
+
+def submit(address: str, workdir: Path, *entrypoint: str) -> str:
+    runtime_env = {
+        "working_dir": str(REPO),
+        "excludes": [".venv", ".git", "data", "shards", "runs", "mlartifacts", "mlruns.db"],
+        "env_vars": {"MM_WORKDIR": str(workdir)},  # relative config paths: data/..., shards/...
+    }
+    result = run(
+        RAY, "job", "submit", "--address", address, "--runtime-env-json", json.dumps(runtime_env),
+        "--", *entrypoint,
+    )  # fmt: skip
+    job = next(line for line in result.stdout.splitlines() if "submitted successfully" in line).split("'")[1]
+    status = run(RAY, "job", "status", "--address", address, job).stdout
+    assert "SUCCEEDED" in status, status
+    return result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.starter
+@pytest.mark.owns_ray
+def test_ray_job_submit_prepares_and_trains_the_starter_config(own_ray, starter_suite, tmp_path):
+    suite, summary = starter_suite
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "starter").symlink_to(suite)  # where configs/starter.yaml looks
+    port, dashboard = free_port(), free_port()
+    run(
+        RAY, "start", "--head", f"--port={port}", f"--dashboard-port={dashboard}",
+        "--dashboard-host=127.0.0.1", "--num-cpus=4", f"--temp-dir={tmp_path / 'ray'}",
+        "--include-dashboard=true",
+    )  # fmt: skip
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        submit(address, tmp_path, "mm", "prepare", "configs/starter.yaml")
+        for task, splits in summary.items():
+            manifest = load_manifest(tmp_path / "shards" / "starter", task)
+            assert manifest.rows("train") > 0.95 * splits["train"], task
+            assert sum(manifest.splits["train"].rejected.values()) == 0, task
+        logs = submit(
+            address, tmp_path, "mm", "train", "configs/starter.yaml",
+            "-o", "train.steps=4", "-o", "train.eval_every=4", "-o", "train.checkpoint_every=4",
+            "-o", "train.eval_examples=8", "-o", "train.log_every=2",
+        )  # fmt: skip
+        assert "[mm] step 4/4" in logs
+    finally:
+        run(RAY, "stop", "--force")
+    mlflow = client(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    runs = mlflow.search_runs([mlflow.get_experiment_by_name("starter").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert {f"train/{task}/loss" for task in summary} & set(runs[0].data.metrics)
+    assert "eval/fashion_mnist/accuracy" in runs[0].data.metrics
+
+
+# ---------------------------------------------------------------------------------------- ray up
+
+
+def sshd_through_proxy(tmp: Path) -> tuple[Path, str]:
+    """A key pair and an sshd config of our own: sshd runs per connection (`sshd -i`) as the
+    cluster's ssh_proxy_command, so no daemon and no port."""
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp / "key")], check=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp / "host_key")], check=True)
+    shutil.copy(tmp / "key.pub", tmp / "authorized_keys")
+    (tmp / "sshd_config").write_text(
+        f"HostKey {tmp / 'host_key'}\nAuthorizedKeysFile {tmp / 'authorized_keys'}\n"
+        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
+        "StrictModes no\nUsePAM no\nLogLevel ERROR\n"
+    )
+    Path("/run/sshd").mkdir(exist_ok=True)
+    return tmp / "key", f"/usr/sbin/sshd -i -f {tmp / 'sshd_config'}"
+
+
+def local_onprem_config(tmp: Path, key: Path, proxy: str, dashboard: int, mlflow_port: int) -> Path:
+    """cluster/onprem.yaml pointed at 127.0.0.1, with this checkout's virtualenv instead of
+    installing one (the install is what `pip install -e` does in CI already)."""
+    config = yaml.safe_load((REPO / "cluster" / "onprem.yaml").read_text())
+    config["provider"].update(head_ip="127.0.0.1", worker_ips=[])
+    config.update(min_workers=0, max_workers=0, file_mounts={}, setup_commands=[])
+    config["auth"] = {"ssh_user": os.environ.get("USER", "root"), "ssh_private_key": str(key),
+                      "ssh_proxy_command": proxy}  # fmt: skip
+
+    def local(command: str) -> str:
+        command = command.replace("~/mm-venv/bin/", f"{BIN}/").replace("$HOME/mm-venv/bin", str(BIN))
+        command = command.replace("$HOME", str(tmp)).replace("--port 5000", f"--port {mlflow_port}")
+        return command.replace(
+            "--dashboard-host=127.0.0.1", f"--dashboard-host=127.0.0.1 --dashboard-port={dashboard}"
+        )
+
+    for key_name in ("head_start_ray_commands", "worker_start_ray_commands"):
+        config[key_name] = [local(c) for c in config[key_name]]
+    path = tmp / "onprem-local.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.owns_ray
+@pytest.mark.skipif(not Path("/usr/sbin/sshd").exists() or not shutil.which("rsync"),
+                    reason="needs openssh-server and rsync (make test installs them as root)")  # fmt: skip
+def test_ray_up_brings_the_onprem_cluster_up_on_localhost_runs_a_job_and_takes_it_down(own_ray, tmp_path):
+    key, proxy = sshd_through_proxy(tmp_path)
+    dashboard, mlflow_port = free_port(), free_port()
+    config = local_onprem_config(tmp_path, key, proxy, dashboard, mlflow_port)
+    try:
+        run(RAY, "up", "-y", "--no-config-cache", str(config), cwd=tmp_path)
+        probe = "import ray; ray.init(); print('CPUs', ray.cluster_resources().get('CPU'))"
+        result = run(
+            RAY, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--", "python", "-c", probe
+        )
+        assert "CPUs" in result.stdout and "SUCCEEDED" in result.stdout
+    finally:
+        run(RAY, "down", "-y", str(config), cwd=tmp_path)
+        subprocess.run(["pkill", "-f", f"mlflow server --host 127.0.0.1 --port {mlflow_port}"], check=False)

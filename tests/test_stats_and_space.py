@@ -1,0 +1,73 @@
+"""Pure helpers of tune/: statistics over seeds, the search space and a trial's config."""
+
+import math
+
+import pytest
+
+from mm.config import ConfigError, parse_config
+from mm.metrics import aggregate_score, normalized, scores_by_task
+from tune.space import trial_config
+from tune.stats import paired_difference, summarize
+
+BASE = {
+    "name": "t",
+    "tasks": [{"name": "de", "kind": "translation"}, {"name": "img", "kind": "image_classification"}],
+    "model": {"moe": {"num_experts": 4}},
+}
+
+
+def test_mean_and_sample_standard_deviation_by_hand():
+    s = summarize([1.0, 2.0, 4.0])
+    assert s.mean == pytest.approx(7 / 3)
+    assert s.std == pytest.approx(math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2))
+    assert summarize([5.0]).std == 0.0 and str(summarize([5.0])) == "5.000"
+
+
+def test_paired_difference_and_sign_consistency_by_hand():
+    d = paired_difference([1.0, 2.0, 3.0, 4.0], [2.0, 2.5, 2.0, 5.0])  # +1, +0.5, -1, +1
+    assert d.difference.mean == pytest.approx(0.375)
+    assert d.sign_consistency == pytest.approx(3 / 4)
+    assert paired_difference([1.0], [1.0]).sign_consistency == 0.0
+    with pytest.raises(ValueError, match="same seeds"):
+        paired_difference([1.0], [1.0, 2.0])
+
+
+def test_normalised_scores_and_their_mean_over_tasks():
+    assert normalized("wer", 0.25) == pytest.approx(0.75)
+    assert normalized("bleu", 30.0) == pytest.approx(0.3)
+    assert normalized("bleu", 15.0, reference=30.0) == pytest.approx(0.5)
+    assert normalized("wer", 0.5, reference=0.25) == pytest.approx(0.5)
+    flat = {"eval/de/bleu": 20.0, "eval/img/accuracy": 0.6, "eval/img/top5": 0.9, "train/de/loss": 3.0}
+    scores = scores_by_task(flat)
+    assert scores == {"de": {"bleu": 20.0}, "img": {"accuracy": 0.6, "top5": 0.9}}
+    assert aggregate_score(scores, {"de": "bleu", "img": "accuracy"}) == pytest.approx((0.2 + 0.6) / 2)
+
+
+def test_trial_parameters_reach_the_config_and_are_validated_again():
+    base = parse_config(BASE)
+    config = trial_config(base, {"mix/de": 3.0, "mix/img": 1.0, "capacity_factor": 2.0, "k": 1, "lr": 1e-3})
+    assert config.train.mixing.strategy == "ratios"
+    assert [t.mix_weight for t in config.tasks] == [3.0, 1.0]
+    assert (config.model.moe.capacity_factor, config.model.moe.k, config.train.lr) == (2.0, 1, 1e-3)
+    assert config.train.checkpoint_every == config.train.eval_every  # every report has an objective
+    assert trial_config(base, {"temperature": 4.0}).train.mixing.temperature == 4.0
+    with pytest.raises(ValueError, match="k"):
+        trial_config(base, {"k": 9})
+    with pytest.raises(ConfigError, match="grid search cannot enumerate per-task weights"):
+        parse_config({**BASE, "tune": {"search": "grid"}})
+
+
+def test_schedulers_and_searchers_are_built_from_the_config():
+    from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
+    from ray.tune.search.optuna import OptunaSearch
+
+    from tune.sweep import _scheduler, _searcher
+
+    base = {**BASE, "train": {"steps": 100, "eval_every": 10}}
+    asha = _scheduler(parse_config({**base, "tune": {"scheduler": "asha", "grace_period": 3}}))
+    assert isinstance(asha, ASHAScheduler) and asha._max_t == 10  # evaluations in a run
+    pbt = _scheduler(parse_config({**base, "tune": {"scheduler": "pbt"}}))
+    assert isinstance(pbt, PopulationBasedTraining)
+    assert set(pbt._hyperparam_mutations) == {"mix/de", "mix/img"}  # PBT perturbs the mixing weights
+    assert isinstance(_searcher(parse_config({**base, "tune": {"search": "optuna"}})), OptunaSearch)
+    assert _searcher(parse_config(base)) is None  # random/grid: Tune's variant generator
