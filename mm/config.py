@@ -78,6 +78,10 @@ class ModelConfig(Section):
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     tie_embeddings: bool = False
     moe: MoEConfig = MoEConfig()
+    # Ablations (the paper's Table 4): leave the MoE layers out, or the decoder's attention
+    # blocks. The mixer's attention stays: it is the only path from the inputs to the outputs.
+    use_moe: bool = True
+    decoder_attention: bool = True
 
     @model_validator(mode="before")
     @classmethod
@@ -280,6 +284,20 @@ class TuneConfig(Section):
         return self
 
 
+class ExperimentConfig(Section):
+    """`mm experiment`: the tasks each study uses. Unset, they are picked by kind (see
+    `tune.studies`): all tasks for joint-vs-single and mixing; the parsing task helped by an
+    EN->DE translation task and an image classification task for transfer; image
+    classification and EN->DE for the ablation."""
+
+    joint_tasks: list[str] | None = None
+    transfer_target: str | None = None
+    transfer_helpers: list[str] | None = None
+    ablation_tasks: list[str] | None = None
+    mixing_tasks: list[str] | None = None
+    max_concurrent: int = Field(1, ge=1, description="runs at once (each a Ray Train run)")
+
+
 class Config(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
@@ -290,6 +308,7 @@ class Config(Section):
     cluster: ClusterConfig = ClusterConfig()
     mlflow: MLflowConfig = MLflowConfig()
     tune: TuneConfig = TuneConfig()
+    experiment: ExperimentConfig = ExperimentConfig()
 
     @field_validator("tasks")
     @classmethod
@@ -313,8 +332,17 @@ class Config(Section):
         return [t.name for t in self.tasks]
 
     @model_validator(mode="after")
-    def _tune_names_known_tasks(self) -> Config:
-        named = {"tune.space.tasks": self.tune.space.tasks or [], "tune.reference": list(self.tune.reference)}
+    def _named_tasks_exist(self) -> Config:
+        study = self.experiment
+        named = {
+            "tune.space.tasks": self.tune.space.tasks or [],
+            "tune.reference": list(self.tune.reference),
+            "experiment.joint_tasks": study.joint_tasks or [],
+            "experiment.transfer_target": [study.transfer_target] if study.transfer_target else [],
+            "experiment.transfer_helpers": study.transfer_helpers or [],
+            "experiment.ablation_tasks": study.ablation_tasks or [],
+            "experiment.mixing_tasks": study.mixing_tasks or [],
+        }
         for where, tasks in named.items():
             unknown = sorted(set(tasks) - set(self.task_names))
             if unknown:

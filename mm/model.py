@@ -37,7 +37,7 @@ class Output:
     task_losses: dict[str, Tensor]  # the task's own (unweighted, detached) loss
     aux_loss: Tensor
     logits: Tensor  # [B, classes] or [B, U, vocab]
-    moe: list[MoEStats]
+    moe: list[MoEStats]  # one per MoE layer the example went through (none without MoE)
 
 
 def make_moe(config: ModelConfig) -> MoE:
@@ -68,6 +68,17 @@ class MoEResidual(nn.Module):
         return self.norm(x + self.dropout(out.y)), out.aux_loss, out.stats
 
 
+class NoMoE(nn.Module):
+    """Stands in for an MoE layer left out by the ablation: identity, no balancing loss."""
+
+    def forward(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, None]:
+        return x, x.new_zeros(()), None
+
+
+def moe_layer(config: ModelConfig) -> nn.Module:
+    return MoEResidual(config) if config.use_moe else NoMoE()
+
+
 class Encoder(nn.Module):
     """Conv blocks with an MoE layer in the middle (the paper: 6 blocks)."""
 
@@ -76,10 +87,10 @@ class Encoder(nn.Module):
         half = config.encoder_blocks // 2
         block = lambda: ConvBlock(config.d_model, config.conv_kernels, causal=False, dropout=config.dropout)  # noqa: E731
         self.before = nn.ModuleList(block() for _ in range(half))
-        self.moe = MoEResidual(config)
+        self.moe = moe_layer(config)
         self.after = nn.ModuleList(block() for _ in range(config.encoder_blocks - half))
 
-    def forward(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, MoEStats]:
+    def forward(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, MoEStats | None]:
         for block in self.before:
             x = block(x, mask)
         x, aux, stats = self.moe(x, mask)
@@ -120,18 +131,21 @@ class Decoder(nn.Module):
         )
         self.attentions = nn.ModuleList(
             AttentionBlock(d, config.num_heads, config.conv_kernels, config.dropout, config.attention_dropout)
-            for _ in range(n)
+            for _ in range(n if config.decoder_attention else 0)
         )
         self.moe_at = n // 2
-        self.moe = MoEResidual(config)
+        self.moe = moe_layer(config)
 
     def forward(self, x, mask, source, source_mask, state: DecodeState | None = None):
-        aux, stats = x.new_zeros(()), None
-        for i, (conv, attention) in enumerate(zip(self.convs, self.attentions)):
+        aux, stats, moe_done = x.new_zeros(()), None, False
+        for i, conv in enumerate(self.convs):
             if i == self.moe_at:
                 x, aux, stats = self.moe(x, mask)
-            x = attention(conv(x, mask, state), mask, source, source_mask, state)
-        if stats is None:  # no blocks after the middle
+                moe_done = True
+            x = conv(x, mask, state)
+            if self.attentions:
+                x = self.attentions[i](x, mask, source, source_mask, state)
+        if not moe_done:  # no blocks after the middle
             x, aux, stats = self.moe(x, mask)
         return x, aux, stats
 
@@ -164,7 +178,7 @@ class MultiModel(nn.Module):
     def forward(self, batch: Batch) -> Output:
         task = self.tasks[batch.task]
         encoded, mask, aux, stats = self.encode(batch)
-        moe_stats = [stats]
+        moe_stats = [stats] if stats is not None else []
         if task.output_modality == "class":
             logits = self.class_out[task.name](encoded, mask)
             task_loss = F.cross_entropy(logits, batch.targets)
@@ -178,7 +192,8 @@ class MultiModel(nn.Module):
                 ignore_index=0,
                 label_smoothing=self.config.label_smoothing,
             )
-            aux, moe_stats = aux + dec_aux, [stats, dec_stats]
+            aux = aux + dec_aux
+            moe_stats += [dec_stats] if dec_stats is not None else []
         loss = task.loss_weight * task_loss + aux
         return Output(loss, {task.name: task_loss.detach()}, aux, logits, moe_stats)
 

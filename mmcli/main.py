@@ -94,6 +94,31 @@ def _demo(args: argparse.Namespace) -> None:
     console.print(f"report: {result.report}")
 
 
+def _experiment(args: argparse.Namespace) -> None:
+    import shlex
+
+    from rich.console import Console
+
+    from tune.experiment import run_experiment
+
+    console = Console()
+    command = "mm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    result = run_experiment(
+        _load(args),
+        args.study,
+        seeds=args.seeds,
+        preset=args.preset,
+        address=args.address,
+        out=args.out,
+        command=command,
+        log=lambda line: console.print(line, markup=False),
+    )
+    console.print(result.report.read_text(), markup=False)
+    console.print(f"report: {result.report}  MLflow parent run: {result.parent_run_id}")
+    if all(run.error for run in result.runs):
+        sys.exit(1)
+
+
 def _tracking_uri(args: argparse.Namespace) -> str | None:
     import os
 
@@ -171,6 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
         commands.add_parser("tune", help="sweep mixing ratios and MoE capacity with Ray Tune")
     )
     tune.set_defaults(run=_tune)
+
+    from pathlib import Path
+
+    from tune.studies import PRESETS, STUDIES
+
+    experiment = _with_config(
+        commands.add_parser("experiment", help="a study of the paper's claims: runs over seeds, a report")
+    )
+    experiment.add_argument("--study", required=True, choices=STUDIES)
+    experiment.add_argument("--seeds", type=int, default=3)
+    experiment.add_argument("--preset", choices=list(PRESETS), default="small")
+    experiment.add_argument("--out", type=Path, help="report folder (default reports/NAME-STUDY-TIME)")
+    experiment.set_defaults(run=_experiment)
 
     for name, help_text, run in (
         ("evaluate", "per-task metrics of a checkpoint or registered model", _evaluate),

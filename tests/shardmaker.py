@@ -57,7 +57,7 @@ def write_shards(root: Path, rows: int = 64, seed: int = 0) -> Config:
     vocab = train_vocabulary(sentences + twins, 64, config.command_tokens)
     root.mkdir(parents=True, exist_ok=True)
     vocab.save(root / "vocab.model")
-    for split in ("train", "dev"):
+    for split in ("train", "dev", "test"):
         text = {
             "id": [f"{split}-{i}" for i in range(rows)],
             "inputs": [vocab.encode(s) for s in sentences],

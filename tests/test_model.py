@@ -210,3 +210,25 @@ def test_flop_count_grows_with_the_model(tasks, data):
     wide = training_flops(tiny_model(d_model=128), batch)
     assert small > 1e5
     assert wide > 2 * small
+
+
+@pytest.mark.parametrize("ablation", [{"use_moe": False}, {"decoder_attention": False}])
+def test_ablated_models_leave_their_blocks_out_and_still_train_and_decode(tasks, data, ablation):
+    from mm.checkpoint import expert_modules
+    from mm.layers import AttentionBlock as Attention
+
+    model = tiny_model(seed=5, **ablation)
+    full = tiny_model(seed=5)
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in full.parameters())
+    if "use_moe" in ablation:
+        assert not expert_modules(model)
+    else:
+        assert not any(isinstance(m, Attention) for m in model.decoder.modules())
+    batch = data.batch(tasks["translation"], 4)
+    out = model(batch)
+    assert torch.isfinite(out.loss) and len(out.moe) == (0 if "use_moe" in ablation else 2)
+    out.loss.backward()
+    body = [*model.encoder.before.parameters(), *model.mixer.parameters(), *model.decoder.convs.parameters()]
+    assert all(p.grad is not None for p in body)
+    model.eval()
+    assert model.generate(batch, max_len=8) == model.generate(batch, max_len=8, incremental=False)

@@ -37,6 +37,10 @@ def chance_levels(
     return levels
 
 
+def _beats(value: float, chance: float, metric: str) -> bool:
+    return value != chance and (value > chance) == higher_is_better(metric)
+
+
 def _leaves(tree: str) -> int:
     def count(node) -> int:
         return 1 if isinstance(node, str) else sum(count(child) for child in node.children)
@@ -77,16 +81,15 @@ def write_report(
         f"MLflow run `{run_id}` at `{tracking_uri}`; {config.train.steps} steps, {config.cluster.workers} "
         f"Ray Train workers, {config.model.moe.num_experts} experts (k={config.model.moe.k}).",
         "",
-        "| task | metric | dev | test | chance | better than chance |",
+        "| task | metric | dev | test | chance | better than chance (dev and test) |",
         "| --- | --- | ---: | ---: | ---: | --- |",
     ]
     for task, metric in primary.items():
         d, t, c = dev.get(task, {}).get(metric), test.get(task, {}).get(metric), chance.get(task)
-        better = (
-            "-"
-            if d is None or c is None
-            else ("yes" if (d > c) == higher_is_better(metric) and d != c else "no")
-        )
+        if None in (d, t, c):
+            better = "-"
+        else:
+            better = "yes" if _beats(d, c, metric) and _beats(t, c, metric) else "no"
         lines.append(f"| {task} | {metric} | {_fmt(d)} | {_fmt(t)} | {_fmt(c)} | {better} |")
     lines += [
         "",

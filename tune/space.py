@@ -62,10 +62,14 @@ def trial_config(base: Config, params: dict[str, Any]) -> Config:
     return type(base).model_validate(raw)
 
 
-def mixing_ratios(config: Config) -> dict[str, float]:
-    """Each task's share of the steps under this config's mixing (for the sweep's plots)."""
+def mixing_ratios(
+    config: Config, sizes: dict[str, int] | None = None, tasks: list[str] | tuple[str, ...] | None = None
+) -> dict[str, float]:
+    """Each task's share of the steps under this config's mixing, when `tasks` (default all)
+    train together; `sizes` (training rows per task) matter to temperature mixing."""
     from mm.train import TaskSampler
 
+    tasks = list(tasks or config.task_names)
     ratios = {t.name: t.mix_weight for t in config.tasks if t.mix_weight is not None}
-    sampler = TaskSampler(config.task_names, config.train.mixing, config.seed, ratios=ratios)
-    return dict(zip(config.task_names, sampler.probabilities().tolist(), strict=True))
+    sampler = TaskSampler(tasks, config.train.mixing, config.seed, sizes, ratios)
+    return dict(zip(tasks, sampler.probabilities().tolist(), strict=True))

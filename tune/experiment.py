@@ -1,0 +1,163 @@
+"""`mm experiment CONFIG --study S`: run a study's arms (`tune.studies`) on Ray and report.
+
+Every (arm, seed) is one Ray Train run, launched as a trial of a Ray Tune grid so that several
+run at once where the cluster has room (`experiment.max_concurrent`). Each trial trains, then
+scores its final checkpoint on the test splits with every task's metrics. MLflow: the study is
+a parent run, each (arm, seed) a nested child run with its test metrics; the report folder
+(markdown tables, PNG plots) is written locally and logged to the parent.
+
+The mixing study first runs a Ray Tune sweep over the mixing weights alone (the config's
+`tune:` settings) and adds the weights of its best trial as the "tuned ratios" arm.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from cluster.data import check_shards, load_manifests
+from cluster.job import connect, train
+from cluster.tracking import client, resolve_tracking_uri, start_run
+from mm.config import Config, parse_config
+from mm.shards import VOCAB
+from mm.vocab import Vocabulary
+from tune.studies import Study, arm_config, expand, mixing, sized
+
+
+@dataclass
+class RunResult:
+    arm: str
+    seed: int
+    scores: dict[str, dict[str, float]]  # test split: {task: {metric: value}}
+    run_id: str | None
+    error: str | None = None
+
+
+@dataclass
+class StudyResult:
+    study: Study
+    runs: list[RunResult]
+    parent_run_id: str
+    tracking_uri: str
+    report: Path
+
+
+def run_experiment(
+    config: Config,
+    study_name: str,
+    seeds: int = 3,
+    preset: str = "small",
+    address: str | None = None,
+    out: Path | None = None,
+    command: str | None = None,
+    log=print,
+) -> StudyResult:
+    """`command`: the command line that ran the study, quoted in the report."""
+    config = sized(config.resolved(), preset)
+    vocab = Vocabulary.load(Path(config.data.shards) / VOCAB)
+    manifests = load_manifests(config)
+    check_shards(config, vocab, manifests)  # before any run starts
+    sizes = {name: manifest.rows("train") for name, manifest in manifests.items()}
+    study = expand(study_name, config, sizes)  # a study naming an unknown task fails here
+    connect(address)
+    uri = resolve_tracking_uri(config.mlflow.tracking_uri)
+    parent = start_run(uri, config, run_name=f"{config.name}-{study_name}")
+    mlflow = client(uri)
+    for key, value in {"mm.study": study_name, "mm.preset": preset, "mm.seeds": str(seeds)}.items():
+        mlflow.set_tag(parent, key, value)
+    if study_name == "mixing":
+        study = mixing(config, sizes, tuned=_tuned_weights(config, study, parent, log))
+    log(f"[experiment] {study_name}: {len(study.arms)} arms x {seeds} seeds, preset {preset}")
+
+    seed_list = [config.seed + i for i in range(seeds)]
+    runs = _run_grid(config, study, seed_list, parent, uri)
+    for run in runs:
+        status = f"error: {run.error.splitlines()[-1]}" if run.error else "done"
+        log(f"[experiment] {run.arm} seed {run.seed}: {status}")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    folder = (out or Path("reports") / f"{config.name}-{study_name}-{stamp}").absolute()
+    from tune.study_report import write_study_report
+
+    report = write_study_report(folder, study, runs, seed_list, preset, command)
+    mlflow.log_artifacts(parent, str(folder), "report")
+    failed = [r for r in runs if r.error]
+    mlflow.set_tag(parent, "failed_runs", ", ".join(f"{r.arm}/{r.seed}" for r in failed) or "none")
+    mlflow.set_terminated(parent, status="FAILED" if len(failed) == len(runs) else "FINISHED")
+    return StudyResult(study, runs, parent, uri, report)
+
+
+def _run_grid(config: Config, study: Study, seeds: list[int], parent: str, uri: str) -> list[RunResult]:
+    from ray import tune
+
+    trainable = tune.with_resources(
+        partial(run_arm, base=config.model_dump(mode="json"), study=study, parent_run_id=parent),
+        {"CPU": 0.01},  # the trial waits on its TorchTrainer, whose workers hold the CPUs
+    )
+    tuner = tune.Tuner(
+        trainable,
+        param_space={
+            "arm": tune.grid_search([arm.name for arm in study.arms]),
+            "seed": tune.grid_search(seeds),
+        },
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=config.experiment.max_concurrent,
+            trial_dirname_creator=lambda trial: f"run_{trial.trial_id}",  # arm names have spaces
+        ),
+        run_config=tune.RunConfig(
+            name=f"{config.name}-{study.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=str(config.cluster.storage_path),
+            failure_config=tune.FailureConfig(max_failures=0),
+            verbose=0,
+        ),
+    )
+    return [_run_of(result) for result in tuner.fit()]
+
+
+def run_arm(params: dict[str, Any], base: dict[str, Any], study: Study, parent_run_id: str) -> None:
+    """One (arm, seed): train, score the final checkpoint on the test splits, report."""
+    from ray import tune
+
+    from tune.predictor import Predictor
+
+    arm, seed = study.arm(params["arm"]), int(params["seed"])
+    config = arm_config(parse_config(base, source="experiment"), arm, seed)
+    result = train(config, run_name=f"{arm.name} / seed {seed}", parent_run_id=parent_run_id)
+    scores = Predictor(result.checkpoint).evaluate(split="test")
+    mlflow = client(result.tracking_uri)
+    for task, metrics in scores.items():
+        for metric, value in metrics.items():
+            mlflow.log_metric(result.run_id, f"test/{task}/{metric}", value)
+    mlflow.set_tag(result.run_id, "mm.arm", arm.name)
+    tune.report({"scores": json.dumps(scores), "mlflow_run_id": result.run_id})
+
+
+def _run_of(result) -> RunResult:
+    params, metrics = result.config or {}, result.metrics or {}
+    error = None if result.error is None else str(result.error).strip()[-600:]
+    scores = json.loads(metrics["scores"]) if "scores" in metrics else {}
+    run_id = metrics.get("mlflow_run_id")
+    return RunResult(params.get("arm", "?"), int(params.get("seed", -1)), scores, run_id, error)
+
+
+def _tuned_weights(config: Config, study: Study, parent: str, log) -> dict[str, float]:
+    """The mixing weights of the best trial of a sweep over the weights alone."""
+    from tune.space import trial_config
+    from tune.sweep import sweep
+
+    raw = arm_config(config, study.arms[0], config.seed).model_dump(mode="json")
+    space = raw["tune"]["space"]
+    space.update(mixing="weights", tasks=None, capacity_factor=[raw["model"]["moe"]["capacity_factor"]])
+    space.update(k=[raw["model"]["moe"]["k"]], lr=None)
+    raw["train"]["eval_every"] = max(raw["train"]["steps"] // 2, 1)  # ASHA decides at the half
+    searched = parse_config(raw, source="mixing sweep")
+    log(f"[experiment] mixing: sweeping the weights ({searched.tune.trials} trials)")
+    outcome = sweep(searched, register=False, log=log)
+    client(outcome.tracking_uri).set_tag(parent, "mm.mixing_sweep_run", outcome.parent_run_id)
+    if outcome.best is None:
+        raise RuntimeError("the mixing sweep finished no trial; see its MLflow run " + outcome.parent_run_id)
+    tuned = trial_config(searched, outcome.best.params)
+    return {task.name: float(task.mix_weight) for task in tuned.tasks}

@@ -1,0 +1,117 @@
+"""The report of a study (`mm experiment`): markdown tables and a plot in a folder.
+
+For each comparison (an arm against its baseline arm) a table per task: each test metric as
+mean ± standard deviation over the seeds for both arms, and the paired difference (other -
+baseline, seed by seed) with the share of seeds whose difference has the sign of the mean.
+Arrows say which direction is better. A table of every run follows, failed runs included.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mm.metrics import higher_is_better
+from tune.stats import paired_difference, summarize
+from tune.studies import Comparison, Study
+
+
+def write_study_report(
+    folder: Path, study: Study, runs, seeds: list[int], preset: str, command: str | None
+) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [
+        f"# Study: {study.name}",
+        "",
+        f"Preset `{preset}`, seeds {', '.join(map(str, seeds))}; test splits."
+        + (f" Command: `{command}`" if command else ""),
+        "",
+    ]
+    for comparison in study.comparisons:
+        lines += comparison_table(comparison, runs)
+    lines += runs_table(study, runs)
+    plot = folder / f"{study.name}.png"
+    arms_plot(study, runs).savefig(plot, dpi=120)
+    lines += ["", f"![{study.name}]({plot.name})", ""]
+    report = folder / "README.md"
+    report.write_text("\n".join(lines))
+    return report
+
+
+def metric_values(runs, arm: str, task: str, metric: str) -> dict[int, float]:
+    """{seed: value} of the arm's successful runs."""
+    return {
+        r.seed: r.scores[task][metric]
+        for r in runs
+        if r.arm == arm and not r.error and metric in r.scores.get(task, {})
+    }
+
+
+def comparison_table(comparison: Comparison, runs) -> list[str]:
+    base, other = comparison.baseline, comparison.other
+    lines = [f"## {other} vs {base}", ""]
+    lines += [f"| task | metric | {base} | {other} | {other} − {base} |", "|---|---|---|---|---|"]
+    for task in comparison.tasks:
+        for metric in task_metrics(runs, task):
+            a, b = metric_values(runs, base, task, metric), metric_values(runs, other, task, metric)
+            shared = sorted(set(a) & set(b))
+            difference = (
+                str(paired_difference([a[s] for s in shared], [b[s] for s in shared])) if shared else "—"
+            )
+            arrow = "↑" if higher_is_better(metric) else "↓"
+            lines.append(f"| {task} | {metric} {arrow} | {_summary(a)} | {_summary(b)} | {difference} |")
+    return [*lines, ""]
+
+
+def runs_table(study: Study, runs) -> list[str]:
+    lines = ["## Every run", "", "| arm | seed | steps | tasks | result |", "|---|---|---|---|---|"]
+    for run in sorted(runs, key=lambda r: (r.arm, r.seed)):
+        arm = study.arm(run.arm)
+        if run.error:
+            result = "failed: " + run.error.strip().splitlines()[-1].replace("|", "/")[:160]
+        else:
+            result = "; ".join(
+                f"{task} " + ", ".join(f"{m} {v:.3g}" for m, v in metrics.items())
+                for task, metrics in sorted(run.scores.items())
+            )
+        lines.append(f"| {run.arm} | {run.seed} | {arm.steps} | {', '.join(arm.tasks)} | {result} |")
+    return lines
+
+
+def task_metrics(runs, task: str) -> list[str]:
+    """The metrics the runs scored on a task, in the order the task lists them."""
+    for run in runs:
+        if task in run.scores:
+            return list(run.scores[task])
+    return []
+
+
+def arms_plot(study: Study, runs):
+    """Each task's primary metric per arm: the mean over seeds, seeds as dots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({t for arm in study.arms for t in arm.tasks})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks) + 1, 3.4), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        metrics = task_metrics(runs, task)
+        arms = [a.name for a in study.arms if task in a.tasks]
+        if not metrics:
+            ax.set_title(f"{task}: no finished run")
+            continue
+        metric = metrics[0]
+        for x, arm in enumerate(arms):
+            values = list(metric_values(runs, arm, task, metric).values())
+            if values:
+                ax.bar(x, summarize(values).mean, color="tab:blue", alpha=0.6)
+                ax.scatter([x] * len(values), values, color="black", s=10, zorder=3)
+        ax.set_xticks(range(len(arms)), arms, rotation=30, ha="right", fontsize=7)
+        better = "higher" if higher_is_better(metric) else "lower"
+        ax.set_title(f"{task}: {metric} ({better} is better)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _summary(values: dict[int, float]) -> str:
+    return str(summarize(list(values.values()))) if values else "—"
