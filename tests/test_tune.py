@@ -110,8 +110,9 @@ def test_a_crashing_trial_is_reported_and_the_sweep_goes_on(swept):
 def test_best_model_is_registered_as_champion_and_an_equal_one_only_as_challenger(swept):
     result, config = swept
     assert result.registered["alias"] == CHAMPION and result.registered["version"] == 1
+    best = result.best
     again = register_and_promote(
-        config, result.tracking_uri, result.best, result.parent_run_id, log=lambda _: None
+        config, result.tracking_uri, best.run_id, best.checkpoint, result.parent_run_id, log=lambda _: None
     )
     assert again["version"] == 2 and again["alias"] == CHALLENGER
     assert "does not beat champion v1" in again["reason"]
