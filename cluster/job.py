@@ -11,6 +11,7 @@ on every worker, restarts the group from its latest checkpoint after a failure
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,7 +134,7 @@ def train(
         },
         scaling_config=scaling_config(config),
         run_config=ray.train.RunConfig(
-            name=f"{run_name or config.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            name=f"{folder_name(run_name or config.name)}-{time.strftime('%Y%m%d-%H%M%S')}",
             callbacks=list(callbacks),
             storage_path=str(cluster.storage_path),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cluster.checkpoints_to_keep),
@@ -152,6 +153,11 @@ def train(
         mlflow.log_artifacts(run_id, str(checkpoint), "checkpoint")
     mlflow.set_terminated(run_id)
     return TrainingResult(run_id, uri, checkpoint, dict(result.metrics or {}), time.time() - started)
+
+
+def folder_name(run_name: str) -> str:
+    """A run name as one folder name: "ptb alone / seed 0" -> "ptb_alone_seed_0"."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", run_name).strip("_") or "run"
 
 
 def _train_worker(loop_config: dict[str, Any]) -> None:

@@ -85,6 +85,7 @@ def test_a_micro_study_trains_every_arm_and_writes_the_report_under_one_mlflow_p
     for metric in ("bleu ↑", "log_ppl ↓", "token_accuracy ↑"):
         assert f"| reverse | {metric} |" in text
     assert (tmp_path / "report" / "transfer.png").stat().st_size > 0
+    assert not [p for p in (tmp_path / "runs").iterdir() if " " in p.name]  # one folder per run
 
     mlflow = client(result.tracking_uri)
     parent = mlflow.get_run(result.parent_run_id)
