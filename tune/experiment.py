@@ -26,6 +26,7 @@ from mm.config import Config, parse_config
 from mm.shards import VOCAB
 from mm.vocab import Vocabulary
 from tune.studies import Study, arm_config, expand, mixing, sized
+from tune.study_report import write_study_report
 
 
 @dataclass
@@ -74,14 +75,12 @@ def run_experiment(
     log(f"[experiment] {study_name}: {len(study.arms)} arms x {seeds} seeds, preset {preset}")
 
     seed_list = [config.seed + i for i in range(seeds)]
-    runs = _run_grid(config, study, seed_list, parent, uri)
+    runs = _run_grid(config, study, seed_list, parent)
     for run in runs:
         status = f"error: {run.error.splitlines()[-1]}" if run.error else "done"
         log(f"[experiment] {run.arm} seed {run.seed}: {status}")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     folder = (out or Path("reports") / f"{config.name}-{study_name}-{stamp}").absolute()
-    from tune.study_report import write_study_report
-
     report = write_study_report(folder, study, runs, seed_list, preset, command)
     mlflow.log_artifacts(parent, str(folder), "report")
     failed = [r for r in runs if r.error]
@@ -90,7 +89,7 @@ def run_experiment(
     return StudyResult(study, runs, parent, uri, report)
 
 
-def _run_grid(config: Config, study: Study, seeds: list[int], parent: str, uri: str) -> list[RunResult]:
+def _run_grid(config: Config, study: Study, seeds: list[int], parent: str) -> list[RunResult]:
     from ray import tune
 
     trainable = tune.with_resources(
