@@ -180,3 +180,21 @@ def test_bad_sweep_inputs_fail_clearly(tmp_path):
     closed = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(TrackingError, match="unreachable"):
         resolve_tracking_uri(closed)
+
+
+def test_population_based_training_runs_trials_in_segments_with_mixing_weights(ray_local, tmp_path):
+    write_shards(tmp_path / "shards")
+    raw = config_dict(tmp_path / "shards", tmp_path, steps=6, train={"eval_every": 3})
+    raw["cluster"]["workers"] = 1
+    raw["tune"] = {
+        "trials": 2,
+        "scheduler": "pbt",
+        "pbt_interval": 3,  # two segments of 3 steps; PBT may swap checkpoints between them
+        "space": {"mixing": "weights", "capacity_factor": [1.25], "k": [2], "lr": None},
+    }
+    result = sweep(parse_config(raw), register=False)
+    assert len(result.trials) == 2 and not [t.error for t in result.trials if t.error]
+    for trial in result.trials:
+        assert trial.metrics["step"] == 6 and trial.metrics["training_iteration"] == 2  # 2 segments
+        assert {"mix/reverse", "mix/patches"} <= set(trial.params) and trial.objective is not None
+    assert result.best is not None and Path(result.best.checkpoint).is_dir()
