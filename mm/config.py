@@ -447,7 +447,9 @@ def _describe(err: ValidationError, raw: dict[str, Any], source: str) -> str:
         if problem["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key")
         else:
-            got = f" (got {problem['input']!r})" if problem["type"] != "missing" else ""
+            # a check of the whole config (empty location) would print the whole config
+            shown = problem["type"] != "missing" and problem["loc"]
+            got = f" (got {problem['input']!r})" if shown else ""
             lines.append(f"  {key}: {problem['msg']}{got}")
     return "\n".join(lines)
 

@@ -237,6 +237,26 @@ def main(argv: list[str] | None = None) -> None:
         args.run(args)
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as err:
+        if not _is_input_error(err):
+            raise
+        print(f"mm: {err}", file=sys.stderr)  # the message names the file and key: no traceback
+        sys.exit(2)
+
+
+def _is_input_error(err: Exception) -> bool:
+    """Errors about what the user gave (config, shards, checkpoint, cluster size, tracking
+    server). Imported here, on the error path, so that `mm --help` stays instant."""
+    from cluster.job import JobError
+    from cluster.tracking import TrackingError
+    from mm.checkpoint import CheckpointError
+    from mm.config import ConfigError
+    from mm.shards import ShardError
+    from mm.vocab import VocabularyError
+    from tune.predictor import PredictError
+
+    user_errors = (ConfigError, ShardError, CheckpointError, VocabularyError)
+    return isinstance(err, (*user_errors, JobError, TrackingError, PredictError))
 
 
 if __name__ == "__main__":

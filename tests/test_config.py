@@ -74,3 +74,14 @@ def test_bad_overrides_and_files_are_reported(tmp_path):
 def test_duplicate_task_names_are_rejected():
     with pytest.raises(ConfigError, match="task names must be unique, repeated: a"):
         parse_config({"name": "x", "tasks": [{"name": "a", "kind": "translation"}] * 2})
+
+
+def test_the_mm_command_reports_a_bad_config_key_in_one_line_without_a_traceback(capsys):
+    from mmcli.main import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "configs/starter.yaml", "-o", "train.stepz=3"])
+    assert exit_.value.code == 2
+    said = capsys.readouterr().err
+    assert "configs/starter.yaml: invalid config" in said and "train.stepz: unknown key" in said
+    assert "Traceback" not in said

@@ -16,11 +16,12 @@ transfer study the parsing task has equal weight beside its helper and twice the
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mm.config import Config, ConfigError, parse_config
+from mm.config import Config, ConfigError, apply_override, parse_config
 from tune.space import mixing_ratios
 
 STUDIES = ("joint-vs-single", "transfer", "ablation", "mixing")
@@ -93,7 +94,7 @@ def sized(config: Config, preset: str) -> Config:
             for task in raw["tasks"]:
                 task["batch_size"] = value
             continue
-        _set(raw, key, value)
+        raw = apply_override(raw, f"{key}={json.dumps(value)}", source=f"preset {preset}")
     return parse_config(raw, source=f"preset {preset}")
 
 
@@ -123,15 +124,8 @@ def arm_config(config: Config, arm: Arm, seed: int) -> Config:
         for task in raw["tasks"]:
             task["mix_weight"] = arm.mix_weights[task["name"]]
     for key, value in arm.overrides.items():
-        _set(raw, key, value)
+        raw = apply_override(raw, f"{key}={json.dumps(value)}", source=f"arm {arm.name}")
     return parse_config(raw, source=f"arm {arm.name}")
-
-
-def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
-    *parents, last = dotted.split(".")
-    for part in parents:
-        raw = raw[part]
-    raw[last] = value
 
 
 # ----------------------------------------------------------------------------------- the studies
