@@ -40,7 +40,10 @@ class TrainingResult:
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join the cluster at `address` (or RAY_ADDRESS), else start a local Ray whose dashboard
-    listens on 127.0.0.1 only."""
+    listens on 127.0.0.1 only. The dashboard is on because Ray Train frees the CPUs of a run
+    whose controller was killed (Tune stopping a trial) through its state API: without it,
+    every trial that ASHA or PBT stops keeps its workers' CPUs reserved, and a 2-CPU machine
+    runs out after two."""
     import ray
 
     if ray.is_initialized():
@@ -49,7 +52,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", include_dashboard=False)
+        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", include_dashboard=True)
 
 
 def check_resources(config: Config) -> None:

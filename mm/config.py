@@ -196,12 +196,44 @@ class DataConfig(Section):
     shard_rows: int = Field(20000, ge=1, description="rows per parquet part")
 
 
+class MixingPhase(Section):
+    """From step `start` on, tasks are sampled in proportion to `weights` (until the next phase)."""
+
+    start: int = Field(ge=0)
+    weights: dict[str, float]
+
+    @field_validator("weights")
+    @classmethod
+    def _usable_weights(cls, weights: dict[str, float]) -> dict[str, float]:
+        negative = sorted(task for task, weight in weights.items() if not weight >= 0)
+        if negative:
+            raise ValueError(f"weights must be >= 0, not for {', '.join(negative)}")
+        if sum(weights.values()) <= 0:
+            raise ValueError("weights sum to zero")
+        return weights
+
+
 class MixingConfig(Section):
-    strategy: Literal["ratios", "temperature", "loss_adaptive"] = "temperature"
+    strategy: Literal["ratios", "temperature", "loss_adaptive", "schedule"] = "temperature"
     temperature: float = Field(2.0, gt=0)
     # loss-adaptive: p ∝ (running loss)^power, smoothed with this decay
     adaptive_power: float = Field(1.0, ge=0)
     adaptive_decay: float = Field(0.9, ge=0, lt=1)
+    # schedule: weights that change with the step, e.g. the schedule a PBT sweep found
+    schedule: list[MixingPhase] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _schedule_in_order(self) -> MixingConfig:
+        if self.strategy == "schedule" and not self.schedule:
+            raise ValueError("strategy 'schedule' needs phases under schedule: [{start: 0, weights: {...}}]")
+        starts = [phase.start for phase in self.schedule]
+        if starts and (starts[0] != 0 or starts != sorted(set(starts))):
+            raise ValueError(f"schedule phases must start at step 0 and in increasing order, not {starts}")
+        return self
+
+    def phase_at(self, step: int) -> MixingPhase:
+        """The schedule's phase in force at `step`."""
+        return [phase for phase in self.schedule if phase.start <= step][-1]
 
 
 class TrainConfig(Section):
@@ -281,6 +313,11 @@ class TuneConfig(Section):
             raise ValueError(
                 "grid search cannot enumerate per-task weights: use space.mixing: temperature or none"
             )
+        if self.scheduler == "pbt" and self.max_concurrent < self.trials:
+            raise ValueError(
+                f"scheduler pbt trains the population side by side: max_concurrent "
+                f"({self.max_concurrent}) must be at least trials ({self.trials})"
+            )
         return self
 
 
@@ -343,6 +380,11 @@ class Config(Section):
             "experiment.ablation_tasks": study.ablation_tasks or [],
             "experiment.mixing_tasks": study.mixing_tasks or [],
         }
+        for i, phase in enumerate(self.train.mixing.schedule):
+            named[f"train.mixing.schedule[{i}].weights"] = list(phase.weights)
+            missing = sorted(set(self.task_names) - set(phase.weights))
+            if missing:
+                raise ValueError(f"train.mixing.schedule[{i}].weights lacks tasks: {', '.join(missing)}")
         for where, tasks in named.items():
             unknown = sorted(set(tasks) - set(self.task_names))
             if unknown:

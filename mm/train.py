@@ -3,8 +3,8 @@
 Every rank runs the same task at the same step, so that the MoE layers' collectives line up:
 the task of step t is drawn from the mixing distribution with an RNG seeded by (seed, t). The
 mixing distribution is explicit ratios, temperature sampling over corpus sizes (p ∝ n^(1/T)),
-or loss-adaptive (p ∝ smoothed loss^power; the loss is averaged over ranks first, so all
-ranks agree).
+loss-adaptive (p ∝ smoothed loss^power; the loss is averaged over ranks first, so all
+ranks agree), or a schedule of weights that change at given steps.
 
 Optimiser and schedule follow tensor2tensor's multimodel_base: Adam (β = 0.9, 0.98, ε = 1e-9),
 linear warm-up to the peak learning rate, then inverse-square-root decay.
@@ -43,10 +43,12 @@ class TaskSampler:
         self.ratios = ratios or {}
         self.smoothed_loss: dict[str, float] = {}
 
-    def probabilities(self) -> np.ndarray:
+    def probabilities(self, step: int = 0) -> np.ndarray:
         strategy = self.mixing.strategy
         if strategy == "ratios":
             weights = [self.ratios.get(t, 1.0) for t in self.tasks]
+        elif strategy == "schedule":
+            weights = [self.mixing.phase_at(step).weights[t] for t in self.tasks]
         elif strategy == "temperature":
             weights = [max(self.sizes.get(t, 1), 1) ** (1 / self.mixing.temperature) for t in self.tasks]
         else:  # loss_adaptive: tasks not seen yet weigh as much as the worst seen one
@@ -59,7 +61,7 @@ class TaskSampler:
 
     def task_at(self, step: int) -> str:
         rng = np.random.default_rng([self.seed, step])
-        return self.tasks[int(rng.choice(len(self.tasks), p=self.probabilities()))]
+        return self.tasks[int(rng.choice(len(self.tasks), p=self.probabilities(step)))]
 
     def observe(self, task: str, loss: float) -> None:
         """Record a task's loss (already averaged over ranks) for loss-adaptive mixing."""
@@ -67,12 +69,13 @@ class TaskSampler:
         previous = self.smoothed_loss.get(task)
         self.smoothed_loss[task] = loss if previous is None else decay * previous + (1 - decay) * loss
 
+    # Only the running losses are state: the weights come from the config, so that a run
+    # resumed with other weights (a PBT perturbation) samples with the new ones.
     def state_dict(self) -> dict[str, Any]:
-        return {"smoothed_loss": dict(self.smoothed_loss), "ratios": dict(self.ratios)}
+        return {"smoothed_loss": dict(self.smoothed_loss)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.smoothed_loss = dict(state["smoothed_loss"])
-        self.ratios = dict(state["ratios"])
 
 
 def lr_factor(step: int, warmup: int) -> float:

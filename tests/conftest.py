@@ -41,13 +41,16 @@ def model():
 
 @pytest.fixture(scope="session")
 def ray_local(tmp_path_factory):
-    """One real local Ray for the whole session, dashboard off. 4 logical CPUs on 2 cores, so
-    that fractional-CPU training workers and Ray Data's read tasks both get scheduled."""
+    """One real local Ray for the whole session. 4 logical CPUs on 2 cores, so that
+    fractional-CPU training workers and Ray Data's read tasks both get scheduled. The dashboard
+    (127.0.0.1) is on as in `cluster.job.connect`: Ray Train frees the CPUs of trials that Tune
+    stops through its state API."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
         ray.init(
             num_cpus=4,
-            include_dashboard=False,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
             _temp_dir=str(tmp_path_factory.mktemp("ray")),
             configure_logging=False,
             log_to_driver=False,

@@ -12,6 +12,8 @@ tasks:
   - {name: mnist, kind: image_classification, num_classes: 10}
 """
 
+SCHEDULE = "train: {{mixing: {{strategy: schedule, schedule: [{{start: 0, weights: {}}}]}}}}\ntasks:"
+
 
 def write(tmp_path, text: str):
     path = tmp_path / "config.yaml"
@@ -49,6 +51,14 @@ def test_dotted_overrides_reach_nested_keys_and_named_tasks(tmp_path):
         (("kind: translation", "kind: translate"), "tasks.wmt_en_de.kind: Value error, unknown task kind"),
         (("num_classes: 10", "num_classes: 10, batchsize: 4"), "tasks.mnist.batchsize: unknown key"),
         (("{preset: tiny}", "{conv_kernels: [[4, 1], [3, 1], [3, 1], [3, 1]]}"), "kernel sizes must be odd"),
+        (
+            ("tasks:", SCHEDULE.format("{wmt_en_de: 1}")),
+            "train.mixing.schedule[0].weights lacks tasks: mnist",
+        ),
+        (
+            ("tasks:", SCHEDULE.format("{wmt_en_de: 1, mnist: 1, ptb: 1}")),
+            "train.mixing.schedule[0].weights names tasks the config lacks: ptb",
+        ),
     ],
 )
 def test_bad_configs_name_the_file_and_the_key(tmp_path, change, expected):

@@ -7,12 +7,17 @@ import pytest
 
 from cluster.tracking import client
 from mm.config import ConfigError, parse_config
-from tune.experiment import run_experiment
-from tune.studies import arm_config, expand, sized
+from tune.experiment import RunResult, run_experiment
+from tune.studies import arm_config, expand, mixing, sized
+from tune.study_report import write_study_report
 
 from shardmaker import config_dict, write_shards
 
 SIZES = {"reverse": 300, "patches": 100}
+SCHEDULE = [  # as a PBT sweep finds it: phases of weights (shares)
+    {"start": 0, "weights": {"reverse": 0.5, "patches": 0.5}},
+    {"start": 20, "weights": {"reverse": 0.9, "patches": 0.1}},
+]
 
 
 def tiny(tmp_path, **experiment):
@@ -51,6 +56,47 @@ def test_transfer_and_ablation_arms_change_what_they_say(tmp_path):
     assert models["all blocks"].use_moe and models["all blocks"].decoder_attention
     assert not models["no MoE"].use_moe and models["no MoE"].decoder_attention
     assert models["no attention"].use_moe and not models["no attention"].decoder_attention
+
+
+def test_mixing_arms_replay_the_tuned_ratios_and_the_pbt_schedule(tmp_path):
+    config = tiny(tmp_path)
+    study = mixing(config, SIZES, tuned={"reverse": 3.0, "patches": 1.0}, schedule=SCHEDULE)
+    assert [arm.name for arm in study.arms] == ["uniform", "temperature 2", "tuned ratios", "PBT schedule"]
+    assert all(c.baseline == "uniform" and c.tasks == ("reverse", "patches") for c in study.comparisons)
+    configs = {arm.name: arm_config(config, arm, seed=0) for arm in study.arms}
+    assert [t.mix_weight for t in configs["uniform"].tasks] == [1.0, 1.0]
+    assert configs["temperature 2"].train.mixing.strategy == "temperature"
+    assert [t.mix_weight for t in configs["tuned ratios"].tasks] == [3.0, 1.0]
+    replay = configs["PBT schedule"].train.mixing
+    assert replay.strategy == "schedule" and replay.phase_at(19).weights == {"reverse": 0.5, "patches": 0.5}
+    assert replay.phase_at(20).weights == {"reverse": 0.9, "patches": 0.1}
+    assert {arm.steps for arm in study.arms} == {40}
+
+
+def test_the_report_compares_the_aggregate_objective_of_arms_that_train_the_same_tasks(tmp_path):
+    study = mixing(tiny(tmp_path), SIZES)
+    runs = [
+        RunResult(arm, seed, {"reverse": {"bleu": bleu}, "patches": {"accuracy": 0.5}}, None, None, objective)
+        for arm, seed, bleu, objective in [
+            ("uniform", 0, 10.0, 0.30),
+            ("uniform", 1, 12.0, 0.31),
+            ("temperature 2", 0, 14.0, 0.32),
+            ("temperature 2", 1, 11.0, 0.30),
+        ]
+    ]
+    text = write_study_report(tmp_path / "report", study, runs, [0, 1], "micro", None).read_text()
+    # objective: uniform 0.305 ± 0.007, temperature 0.310 ± 0.014, differences +0.02 and -0.01
+    assert "| all | objective ↑ | 0.305 ± 0.007 | 0.310 ± 0.014 | +0.005 ± 0.021 (50% same sign) |" in text
+    assert "| reverse | bleu ↑ | 11.000 ± 1.414 | 12.500 ± 2.121 | +1.500 ± 3.536 (50% same sign) |" in text
+    assert "| uniform | 0 | 40 | reverse, patches | 0.300 |" in text
+
+    found = mixing(tiny(tmp_path), SIZES, tuned={"reverse": 3.0, "patches": 1.0}, schedule=SCHEDULE)
+    text = write_study_report(tmp_path / "found", found, runs, [0, 1], "micro", None).read_text()
+    assert "| tuned ratios | 40 | reverse, patches | mixing weights reverse 0.75, patches 0.25 |" in text
+    assert (
+        "mixing schedule from step 0: reverse 0.50, patches 0.50; from step 20: reverse 0.90, patches 0.10"
+        in text
+    )
 
 
 def test_a_study_naming_a_task_the_config_lacks_fails_before_any_run(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 
 from mm.config import ConfigError, parse_config
 from mm.metrics import aggregate_score, normalized, scores_by_task
-from tune.space import trial_config
+from tune.space import mixing_ratios, trial_config
 from tune.stats import paired_difference, summarize
 
 BASE = {
@@ -57,6 +57,17 @@ def test_trial_parameters_reach_the_config_and_are_validated_again():
         parse_config({**BASE, "tune": {"search": "grid"}})
 
 
+def test_step_shares_of_ratios_and_of_a_schedule_by_hand():
+    ratios = parse_config({**BASE, "train": {"mixing": {"strategy": "ratios"}}})
+    ratios.tasks[0].mix_weight = 3.0
+    assert mixing_ratios(ratios) == pytest.approx({"de": 0.75, "img": 0.25})
+    phases = [{"start": 0, "weights": {"de": 1, "img": 0}}, {"start": 30, "weights": {"de": 1, "img": 1}}]
+    train = {"steps": 100, "mixing": {"strategy": "schedule", "schedule": phases}}
+    scheduled = parse_config({**BASE, "train": train})
+    # 30 steps all "de", then 70 steps half and half
+    assert mixing_ratios(scheduled) == pytest.approx({"de": (30 + 35) / 100, "img": 35 / 100})
+
+
 def test_schedulers_and_searchers_are_built_from_the_config():
     from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
     from ray.tune.search.optuna import OptunaSearch
@@ -66,8 +77,10 @@ def test_schedulers_and_searchers_are_built_from_the_config():
     base = {**BASE, "train": {"steps": 100, "eval_every": 10}}
     asha = _scheduler(parse_config({**base, "tune": {"scheduler": "asha", "grace_period": 3}}))
     assert isinstance(asha, ASHAScheduler) and asha._max_t == 10  # evaluations in a run
-    pbt = _scheduler(parse_config({**base, "tune": {"scheduler": "pbt"}}))
+    pbt = _scheduler(parse_config({**base, "tune": {"scheduler": "pbt", "trials": 2, "max_concurrent": 2}}))
     assert isinstance(pbt, PopulationBasedTraining)
     assert set(pbt._hyperparam_mutations) == {"mix/de", "mix/img"}  # PBT perturbs the mixing weights
+    with pytest.raises(ConfigError, match=r"max_concurrent \(1\) must be at least trials \(4\)"):
+        parse_config({**base, "tune": {"scheduler": "pbt", "trials": 4}})
     assert isinstance(_searcher(parse_config({**base, "tune": {"search": "optuna"}})), OptunaSearch)
     assert _searcher(parse_config(base)) is None  # random/grid: Tune's variant generator

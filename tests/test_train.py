@@ -49,6 +49,46 @@ def test_loss_adaptive_mixing_favours_the_task_with_the_higher_loss_and_round_tr
     assert [restored.task_at(s) for s in range(20)] == [sampler.task_at(s) for s in range(20)]
 
 
+def test_a_schedule_changes_the_weights_at_its_phase_starts():
+    mixing = MixingConfig(
+        strategy="schedule",
+        schedule=[{"start": 0, "weights": {"a": 1, "b": 0}}, {"start": 100, "weights": {"a": 1, "b": 3}}],
+    )
+    sampler = TaskSampler(["a", "b"], mixing)
+    np.testing.assert_allclose(sampler.probabilities(99), [1.0, 0.0])
+    np.testing.assert_allclose(sampler.probabilities(100), [0.25, 0.75])
+    assert {sampler.task_at(s) for s in range(100)} == {"a"}
+    later = [sampler.task_at(s) for s in range(100, 4100)]
+    assert later.count("b") / len(later) == pytest.approx(0.75, abs=0.03)
+
+
+@pytest.mark.parametrize(
+    "schedule, expected",
+    [
+        ([], "needs phases"),
+        ([{"start": 5, "weights": {"a": 1}}], "must start at step 0"),
+        ([{"start": 0, "weights": {"a": 1}}, {"start": 0, "weights": {"a": 2}}], "increasing order"),
+        ([{"start": 0, "weights": {"a": -1, "b": 2}}], "weights must be >= 0, not for a"),
+        ([{"start": 0, "weights": {"a": 0}}], "weights sum to zero"),
+    ],
+)
+def test_bad_schedules_are_refused(schedule, expected):
+    with pytest.raises(ValueError, match=expected):
+        MixingConfig(strategy="schedule", schedule=schedule)
+
+
+def test_a_resumed_trainer_samples_with_the_weights_of_its_config_not_its_checkpoints():
+    """A PBT perturbation resumes a checkpoint with new weights: they must take effect."""
+    before = selftest_config(steps=10, seed=0)
+    trainer = Trainer(tiny_model(), before)
+    after = selftest_config(steps=10, seed=0)
+    for task in after.tasks:
+        task.mix_weight = 1.0 if task.name == "translation" else 0.0
+    resumed = Trainer(tiny_model(), after)
+    resumed.load_state_dict(trainer.state_dict())
+    assert {resumed.sampler.task_at(s) for s in range(50)} == {"translation"}
+
+
 def test_learning_rate_warms_up_linearly_then_decays_as_inverse_square_root():
     assert lr_factor(0, 100) == pytest.approx(0.01)
     assert lr_factor(99, 100) == pytest.approx(1.0)

@@ -22,7 +22,7 @@ from benchmarks.common import free_port
 from cluster.tracking import TrackingError, client, resolve_tracking_uri
 from mm.config import ConfigError, parse_config
 from tune.registry import CHALLENGER, CHAMPION, register_and_promote
-from tune.sweep import sweep
+from tune.sweep import pbt_schedule, sweep
 
 from shardmaker import config_dict, write_shards
 
@@ -107,6 +107,20 @@ def test_a_crashing_trial_is_reported_and_the_sweep_goes_on(swept):
     assert tags["failed_trials"] == crashed[0].name
 
 
+def test_trials_that_tune_stops_give_their_cpus_back(swept, ray_local):
+    """ASHA stops each trial at its last report, killing its Ray Train controller: Ray Train's
+    cleaner (which needs the dashboard's state API) must then free the workers' CPUs, or the
+    next trials wait forever on a small machine."""
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        held = [pg for pg in ray_local.util.placement_group_table().values() if pg["state"] == "CREATED"]
+        if not held:
+            break
+        time.sleep(1)
+    assert not held, held
+    assert ray_local.available_resources()["CPU"] == ray_local.cluster_resources()["CPU"]
+
+
 def test_best_model_is_registered_as_champion_and_an_equal_one_only_as_challenger(swept):
     result, config = swept
     assert result.registered["alias"] == CHAMPION and result.registered["version"] == 1
@@ -182,19 +196,42 @@ def test_bad_sweep_inputs_fail_clearly(tmp_path):
         resolve_tracking_uri(closed)
 
 
-def test_population_based_training_runs_trials_in_segments_with_mixing_weights(ray_local, tmp_path):
+def test_population_based_training_runs_trials_in_segments_and_keeps_the_mixing_schedule(ray_local, tmp_path):
     write_shards(tmp_path / "shards")
     raw = config_dict(tmp_path / "shards", tmp_path, steps=6, train={"eval_every": 3})
     raw["cluster"]["workers"] = 1
     raw["tune"] = {
         "trials": 2,
+        "max_concurrent": 2,
         "scheduler": "pbt",
-        "pbt_interval": 3,  # two segments of 3 steps; PBT may swap checkpoints between them
+        "pbt_interval": 3,  # two segments of 3 steps; after the first the worse trial copies the better
         "space": {"mixing": "weights", "capacity_factor": [1.25], "k": [2], "lr": None},
     }
     result = sweep(parse_config(raw), register=False)
     assert len(result.trials) == 2 and not [t.error for t in result.trials if t.error]
+    mlflow = client(result.tracking_uri)
     for trial in result.trials:
         assert trial.metrics["step"] == 6 and trial.metrics["training_iteration"] == 2  # 2 segments
         assert {"mix/reverse", "mix/patches"} <= set(trial.params) and trial.objective is not None
+        # each checkpoint knows the schedule that led to it; its last phase is this trial's weights
+        schedule = pbt_schedule(trial.checkpoint)
+        assert schedule[0]["start"] == 0 and [p["start"] for p in schedule] in ([0], [0, 3])
+        weights = {task: trial.params[f"mix/{task}"] for task in ("reverse", "patches")}
+        total = sum(weights.values())
+        assert schedule[-1]["weights"] == pytest.approx({t: w / total for t, w in weights.items()})
+        # each trial logs into its own MLflow run, even after copying the other's checkpoint
+        run = mlflow.get_run(trial.run_id)
+        assert trial.name.startswith(run.info.run_name + "_")  # the trial folder: name_params_date
+        resumed = mlflow.get_metric_history(trial.run_id, "train/resumed_at_step")
+        assert [m.value for m in resumed] == [3.0]  # its second segment, not the other trial's
+    assert len({t.run_id for t in result.trials}) == 2
+    # synchronous PBT: the worse trial continued from the better one's step-3 checkpoint, so its
+    # schedule starts with the better one's weights
+    kept, copied = sorted(result.trials, key=lambda t: len(pbt_schedule(t.checkpoint)))
+    assert len(pbt_schedule(kept.checkpoint)) == 1 and len(pbt_schedule(copied.checkpoint)) == 2
+    assert pbt_schedule(copied.checkpoint)[0] == pbt_schedule(kept.checkpoint)[0]
     assert result.best is not None and Path(result.best.checkpoint).is_dir()
+    # the best trial's schedule replays as a mixing strategy
+    schedule = pbt_schedule(result.best.checkpoint)
+    raw["train"]["mixing"] = {"strategy": "schedule", "schedule": schedule}
+    assert parse_config(raw).train.mixing.phase_at(5).weights == schedule[-1]["weights"]

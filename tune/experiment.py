@@ -6,8 +6,12 @@ scores its final checkpoint on the test splits with every task's metrics. MLflow
 a parent run, each (arm, seed) a nested child run with its test metrics; the report folder
 (markdown tables, PNG plots) is written locally and logged to the parent.
 
-The mixing study first runs a Ray Tune sweep over the mixing weights alone (the config's
-`tune:` settings) and adds the weights of its best trial as the "tuned ratios" arm.
+The mixing study first runs two Ray Tune sweeps over the mixing weights alone: one with the
+config's `tune:` settings, whose best trial's weights become the "tuned ratios" arm, and one
+with Population Based Training, whose best trial's schedule of weights (the weights of the
+trials its checkpoint descends from, segment by segment) becomes the "PBT schedule" arm. Every
+arm is then trained from scratch on each seed; each run's aggregate objective (the sweep's, on
+the test splits) is reported beside the task metrics.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ class RunResult:
     scores: dict[str, dict[str, float]]  # test split: {task: {metric: value}}
     run_id: str | None
     error: str | None = None
+    objective: float | None = None  # the sweep's aggregate of the primary metrics, test split
 
 
 @dataclass
@@ -71,7 +76,8 @@ def run_experiment(
     for key, value in {"mm.study": study_name, "mm.preset": preset, "mm.seeds": str(seeds)}.items():
         mlflow.set_tag(parent, key, value)
     if study_name == "mixing":
-        study = mixing(config, sizes, tuned=_tuned_weights(config, study, parent, log))
+        tuned = _tuned_weights(config, study, parent, log)
+        study = mixing(config, sizes, tuned=tuned, schedule=_pbt_schedule(config, study, parent, log))
     log(f"[experiment] {study_name}: {len(study.arms)} arms x {seeds} seeds, preset {preset}")
 
     seed_list = [config.seed + i for i in range(seeds)]
@@ -125,38 +131,64 @@ def run_arm(params: dict[str, Any], base: dict[str, Any], study: Study, parent_r
     arm, seed = study.arm(params["arm"]), int(params["seed"])
     config = arm_config(parse_config(base, source="experiment"), arm, seed)
     result = train(config, run_name=f"{arm.name} / seed {seed}", parent_run_id=parent_run_id)
-    scores = Predictor(result.checkpoint).evaluate(split="test")
+    predictor = Predictor(result.checkpoint)
+    scores = predictor.evaluate(split="test")
+    objective = predictor.aggregate(scores)
     mlflow = client(result.tracking_uri)
     for task, metrics in scores.items():
         for metric, value in metrics.items():
             mlflow.log_metric(result.run_id, f"test/{task}/{metric}", value)
+    mlflow.log_metric(result.run_id, "test/objective", objective)
     mlflow.set_tag(result.run_id, "mm.arm", arm.name)
-    tune.report({"scores": json.dumps(scores), "mlflow_run_id": result.run_id})
+    tune.report({"scores": json.dumps(scores), "objective": objective, "mlflow_run_id": result.run_id})
 
 
 def _run_of(result) -> RunResult:
     params, metrics = result.config or {}, result.metrics or {}
     error = None if result.error is None else str(result.error).strip()[-600:]
     scores = json.loads(metrics["scores"]) if "scores" in metrics else {}
-    run_id = metrics.get("mlflow_run_id")
-    return RunResult(params.get("arm", "?"), int(params.get("seed", -1)), scores, run_id, error)
+    run_id, objective = metrics.get("mlflow_run_id"), metrics.get("objective")
+    return RunResult(params.get("arm", "?"), int(params.get("seed", -1)), scores, run_id, error, objective)
 
 
 def _tuned_weights(config: Config, study: Study, parent: str, log) -> dict[str, float]:
     """The mixing weights of the best trial of a sweep over the weights alone."""
     from tune.space import trial_config
+
+    searched, outcome = _mixing_sweep(config, study, parent, "mm.mixing_sweep_run", log)
+    tuned = trial_config(searched, outcome.best.params)
+    return {task.name: float(task.mix_weight) for task in tuned.tasks}
+
+
+def _pbt_schedule(config: Config, study: Study, parent: str, log) -> list[dict[str, Any]]:
+    """The mixing schedule of the best trial of a PBT sweep: its population (`tune.trials`)
+    trains side by side, and every quarter of the steps the worse trials copy the better ones'
+    checkpoints and perturb their weights."""
+    from tune.sweep import pbt_schedule
+
+    steps = config.train.steps
+    pbt = {"scheduler": "pbt", "max_concurrent": config.tune.trials, "pbt_interval": max(steps // 4, 1)}
+    _, outcome = _mixing_sweep(config, study, parent, "mm.pbt_sweep_run", log, **pbt)
+    return pbt_schedule(outcome.best.checkpoint)
+
+
+def _mixing_sweep(config: Config, study: Study, parent: str, tag: str, log, **tune_settings):
+    """A sweep over the mixing weights alone (MoE settings and learning rate as configured),
+    on the first arm's config; its MLflow run is tagged on the study's parent run."""
     from tune.sweep import sweep
 
     raw = arm_config(config, study.arms[0], config.seed).model_dump(mode="json")
     space = raw["tune"]["space"]
     space.update(mixing="weights", tasks=None, capacity_factor=[raw["model"]["moe"]["capacity_factor"]])
     space.update(k=[raw["model"]["moe"]["k"]], lr=None)
+    raw["tune"].update(tune_settings)
     raw["train"]["eval_every"] = max(raw["train"]["steps"] // 2, 1)  # ASHA decides at the half
+    # (PBT evaluates at the end of each of its segments)
     searched = parse_config(raw, source="mixing sweep")
-    log(f"[experiment] mixing: sweeping the weights ({searched.tune.trials} trials)")
+    settings = searched.tune
+    log(f"[experiment] mixing: sweeping the weights ({settings.trials} trials, {settings.scheduler})")
     outcome = sweep(searched, register=False, log=log)
-    client(outcome.tracking_uri).set_tag(parent, "mm.mixing_sweep_run", outcome.parent_run_id)
+    client(outcome.tracking_uri).set_tag(parent, tag, outcome.parent_run_id)
     if outcome.best is None:
-        raise RuntimeError("the mixing sweep finished no trial; see its MLflow run " + outcome.parent_run_id)
-    tuned = trial_config(searched, outcome.best.params)
-    return {task.name: float(task.mix_weight) for task in tuned.tasks}
+        raise RuntimeError(f"the mixing sweep finished no trial; see its MLflow run {outcome.parent_run_id}")
+    return searched, outcome

@@ -66,10 +66,16 @@ def mixing_ratios(
     config: Config, sizes: dict[str, int] | None = None, tasks: list[str] | tuple[str, ...] | None = None
 ) -> dict[str, float]:
     """Each task's share of the steps under this config's mixing, when `tasks` (default all)
-    train together; `sizes` (training rows per task) matter to temperature mixing."""
+    train together; `sizes` (training rows per task) matter to temperature mixing. A schedule's
+    shares are its phases' weighted by how many of `train.steps` each phase lasts."""
     from mm.train import TaskSampler
 
     tasks = list(tasks or config.task_names)
     ratios = {t.name: t.mix_weight for t in config.tasks if t.mix_weight is not None}
-    sampler = TaskSampler(tasks, config.train.mixing, config.seed, sizes, ratios)
-    return dict(zip(tasks, sampler.probabilities().tolist(), strict=True))
+    mixing = config.train.mixing
+    sampler = TaskSampler(tasks, mixing, config.seed, sizes, ratios)
+    phases = mixing.schedule if mixing.strategy == "schedule" else []
+    steps, starts = config.train.steps, [phase.start for phase in phases] or [0]
+    spans = [max(min(end, steps) - start, 0) for start, end in zip(starts, [*starts[1:], steps], strict=True)]
+    shares = sum(span * sampler.probabilities(start) for start, span in zip(starts, spans, strict=True))
+    return dict(zip(tasks, (shares / sum(spans)).tolist(), strict=True))

@@ -3,7 +3,8 @@
     joint-vs-single  each task alone vs all jointly (Table 2), the same steps *for that task*
     transfer         the parsing task alone vs with EN->DE vs with image classification (Table 3)
     ablation         all blocks vs no MoE vs no decoder attention (Table 4)
-    mixing           uniform vs temperature vs the ratios a Ray Tune sweep finds (beyond the paper)
+    mixing           uniform vs temperature vs the ratios a Ray Tune sweep finds vs the schedule
+                     a Population Based Training sweep finds (beyond the paper)
 
 A study is data: its arms (a config change each) and the comparisons the report makes
 (an arm against a baseline arm, on some tasks). Nothing here starts Ray; `tune.experiment`
@@ -116,6 +117,8 @@ def arm_config(config: Config, arm: Arm, seed: int) -> Config:
         space["tasks"] = [t for t in space["tasks"] if t in arm.tasks] or None
     raw["tune"]["reference"] = {t: v for t, v in reference.items() if t in arm.tasks}
     train = raw["train"]
+    for phase in train["mixing"]["schedule"]:
+        phase["weights"] = {t: w for t, w in phase["weights"].items() if t in arm.tasks}
     train["steps"] = arm.steps
     train["eval_every"] = train["checkpoint_every"] = arm.steps  # one evaluation, at the end
     train["warmup_steps"] = min(train["warmup_steps"], max(arm.steps // 4, 1))
@@ -172,8 +175,14 @@ def ablation(config: Config, sizes: dict[str, int]) -> Study:
     return Study("ablation", arms, comparisons)
 
 
-def mixing(config: Config, sizes: dict[str, int], tuned: dict[str, float] | None = None) -> Study:
-    """`tuned`: the weights a sweep found (`tune.experiment` runs the sweep first)."""
+def mixing(
+    config: Config,
+    sizes: dict[str, int],
+    tuned: dict[str, float] | None = None,
+    schedule: list[dict[str, Any]] | None = None,
+) -> Study:
+    """`tuned`: the weights a sweep found; `schedule`: the mixing schedule of a PBT sweep's best
+    trial (`tune.experiment` runs both sweeps first)."""
     tasks = tuple(config.experiment.mixing_tasks or config.task_names)
     steps = config.train.steps
     temperature = config.train.mixing.temperature
@@ -188,6 +197,9 @@ def mixing(config: Config, sizes: dict[str, int], tuned: dict[str, float] | None
     ]
     if tuned is not None:
         arms.append(Arm("tuned ratios", tasks, steps, mix_weights={t: tuned[t] for t in tasks}))
+    if schedule is not None:
+        replay = {"train.mixing.strategy": "schedule", "train.mixing.schedule": schedule}
+        arms.append(Arm("PBT schedule", tasks, steps, replay))
     comparisons = tuple(Comparison("uniform", arm.name, tasks) for arm in arms[1:])
     return Study("mixing", tuple(arms), comparisons)
 

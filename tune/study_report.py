@@ -3,6 +3,8 @@
 For each comparison (an arm against its baseline arm) a table per task: each test metric as
 mean ± standard deviation over the seeds for both arms, and the paired difference (other -
 baseline, seed by seed) with the share of seeds whose difference has the sign of the mean.
+Where both arms train several tasks, a last row compares their aggregate objective (the
+sweep's: the mean over tasks of each primary metric, normalised).
 Arrows say which direction is better. A table of every run follows, failed runs included.
 """
 
@@ -26,6 +28,7 @@ def write_study_report(
         + (f" Command: `{command}`" if command else ""),
         "",
     ]
+    lines += arms_table(study)
     for comparison in study.comparisons:
         lines += comparison_table(comparison, runs)
     lines += runs_table(study, runs)
@@ -59,11 +62,42 @@ def comparison_table(comparison: Comparison, runs) -> list[str]:
             )
             arrow = "↑" if higher_is_better(metric) else "↓"
             lines.append(f"| {task} | {metric} {arrow} | {_summary(a)} | {_summary(b)} | {difference} |")
+    if len(comparison.tasks) > 1:  # both arms train the same tasks: their objectives compare
+        a, b = objective_values(runs, base), objective_values(runs, other)
+        shared = sorted(set(a) & set(b))
+        difference = str(paired_difference([a[s] for s in shared], [b[s] for s in shared])) if shared else "—"
+        lines.append(f"| all | objective ↑ | {_summary(a)} | {_summary(b)} | {difference} |")
     return [*lines, ""]
 
 
+def objective_values(runs, arm: str) -> dict[int, float]:
+    """{seed: aggregate objective} of the arm's successful runs."""
+    return {r.seed: r.objective for r in runs if r.arm == arm and not r.error and r.objective is not None}
+
+
+def arms_table(study: Study) -> list[str]:
+    """What each arm trains and changes, so that found weights and schedules are on record."""
+    lines = ["## Arms", "", "| arm | steps | tasks | changes |", "|---|---|---|---|"]
+    for arm in study.arms:
+        changes = [f"mixing weights {_weights(arm.mix_weights)}"] if arm.mix_weights else []
+        for key, value in arm.overrides.items():
+            if key == "train.mixing.schedule":
+                phases = "; ".join(f"from step {p['start']}: {_weights(p['weights'])}" for p in value)
+                changes.append(f"mixing schedule {phases}")
+            else:
+                changes.append(f"{key}={value}")
+        lines.append(f"| {arm.name} | {arm.steps} | {', '.join(arm.tasks)} | {'<br>'.join(changes) or '—'} |")
+    return [*lines, ""]
+
+
+def _weights(weights: dict[str, float]) -> str:
+    """Weights as shares of their sum, e.g. `a 0.75, b 0.25`."""
+    total = sum(weights.values())
+    return ", ".join(f"{task} {weight / total:.2f}" for task, weight in weights.items())
+
+
 def runs_table(study: Study, runs) -> list[str]:
-    lines = ["## Every run", "", "| arm | seed | steps | tasks | result |", "|---|---|---|---|---|"]
+    lines = ["## Every run", "", "| arm | seed | steps | tasks | objective | result |", "|---" * 6 + "|"]
     for run in sorted(runs, key=lambda r: (r.arm, r.seed)):
         arm = study.arm(run.arm)
         if run.error:
@@ -73,7 +107,9 @@ def runs_table(study: Study, runs) -> list[str]:
                 f"{task} " + ", ".join(f"{m} {v:.3g}" for m, v in metrics.items())
                 for task, metrics in sorted(run.scores.items())
             )
-        lines.append(f"| {run.arm} | {run.seed} | {arm.steps} | {', '.join(arm.tasks)} | {result} |")
+        objective = "—" if run.objective is None else f"{run.objective:.3f}"
+        tasks = ", ".join(arm.tasks)
+        lines.append(f"| {run.arm} | {run.seed} | {arm.steps} | {tasks} | {objective} | {result} |")
     return lines
 
 

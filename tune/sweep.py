@@ -8,7 +8,8 @@ single-task run), else over the metric's range (BLEU / 100, accuracy, 1 - WER, F
 
 Schedulers: ASHA (stops poor trials at evaluations), FIFO, or Population Based Training, which
 runs each trial in segments of `tune.pbt_interval` steps and between segments copies a better
-trial's checkpoint and perturbs the mixing weights — the result is a mixing *schedule*.
+trial's checkpoint and perturbs the mixing weights — the result is a mixing *schedule*, kept
+in each checkpoint and replayable with `train.mixing.strategy: schedule`.
 Searchers: random or grid (Tune's basic variant generator), Optuna when asked.
 
 MLflow: the sweep is a parent run; each trial a nested child run. The parent gets a summary
@@ -26,11 +27,11 @@ from typing import Any
 
 from cluster.data import check_shards, load_manifests
 from cluster.job import connect, train
-from cluster.tracking import client, resolve_tracking_uri, start_run
+from cluster.tracking import client, experiment_id, resolve_tracking_uri, start_run
 from mm.config import Config, parse_config
 from mm.shards import VOCAB
 from mm.vocab import Vocabulary
-from tune.space import MIX, search_space, trial_config
+from tune.space import MIX, mixing_ratios, search_space, trial_config
 
 
 @dataclass
@@ -83,6 +84,9 @@ def sweep(config: Config, address: str | None = None, register: bool = True, log
             name=f"{config.name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=str(config.cluster.storage_path),
             failure_config=tune.FailureConfig(max_failures=0),
+            # PBT: a trial is done at its last segment, or PBT would exploit at that report too
+            # and hand the trial another's final result and checkpoint
+            stop={"step": config.train.steps} if config.tune.scheduler == "pbt" else None,
             verbose=1,
         ),
     )
@@ -117,24 +121,60 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], parent_run_id: str, 
 
 def _run_in_segments(config: Config, name: str, parent_run_id: str) -> None:
     """PBT: train `pbt_interval` steps at a time, each segment resuming from the last checkpoint
-    (perhaps another trial's, with perturbed mixing weights) and reported to Tune with it."""
+    (perhaps another trial's, with perturbed mixing weights) and reported to Tune with it.
+
+    Each checkpoint carries the mixing schedule that led to it (`segment.json`): the phases of
+    the trials it descends from, then this trial's weights. The best trial's schedule can be
+    replayed from scratch (`train.mixing.strategy: schedule`)."""
     from ray import tune
 
     total = config.train.steps
     checkpoint = tune.get_checkpoint()
-    state = json.loads(Path(checkpoint.path, "segment.json").read_text()) if checkpoint else {"step": 0}
-    run_id = state.get("run_id")
-    step = state["step"]
+    state = json.loads(Path(checkpoint.path, SEGMENT).read_text()) if checkpoint else {}
+    step, schedule = state.get("step", 0), state.get("schedule", [])
+    # a checkpoint copied from another trial names that trial's MLflow run, not ours
+    run_id = state.get("run_id") if state.get("trial") == name else _trial_run(config, name, parent_run_id)
+    shares = mixing_ratios(config, {n: m.rows("train") for n, m in load_manifests(config).items()})
     while step < total:
+        schedule = with_phase(schedule, step, shares)
         config.train.steps = min(step + config.tune.pbt_interval, total)
         config.train.eval_every = config.train.checkpoint_every = config.train.steps
         resume = checkpoint.path if checkpoint else None
         result = train(config, resume=resume, run_name=name, parent_run_id=parent_run_id, run_id=run_id)
         run_id, step = result.run_id, config.train.steps
-        Path(result.checkpoint, "segment.json").write_text(json.dumps({"step": step, "run_id": run_id}))
+        state = {"step": step, "trial": name, "run_id": run_id, "schedule": schedule}
+        Path(result.checkpoint, SEGMENT).write_text(json.dumps(state, indent=1))
+        client(result.tracking_uri).log_dict(run_id, {"schedule": schedule}, "mixing_schedule.json")
         metrics = {**result.metrics, "checkpoint_path": str(result.checkpoint)}
         checkpoint = tune.Checkpoint.from_directory(str(result.checkpoint))
         tune.report(metrics, checkpoint=checkpoint)
+
+
+SEGMENT = "segment.json"  # a PBT checkpoint's step, trial, MLflow run and mixing schedule
+
+
+def with_phase(schedule: list[dict[str, Any]], start: int, weights: dict[str, float]) -> list[dict[str, Any]]:
+    """The schedule with `weights` from step `start` on (phases from `start` on replaced)."""
+    kept = [phase for phase in schedule if phase["start"] < start]
+    if kept and kept[-1]["weights"] == weights:
+        return kept  # the same weights go on: no new phase
+    return [*kept, {"start": start, "weights": weights}]
+
+
+def pbt_schedule(checkpoint: str | Path) -> list[dict[str, Any]]:
+    """The mixing schedule that produced a PBT trial's checkpoint."""
+    return json.loads(Path(checkpoint, SEGMENT).read_text())["schedule"]
+
+
+def _trial_run(config: Config, name: str, parent_run_id: str) -> str | None:
+    """The MLflow run this trial made before (None before its first segment)."""
+    uri = resolve_tracking_uri(config.mlflow.tracking_uri)
+    found = client(uri).search_runs(
+        [experiment_id(uri, config)],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.mlflow.runName = '{name}'",
+        max_results=1,
+    )
+    return found[0].info.run_id if found else None
 
 
 def _scheduler(config: Config):
@@ -153,8 +193,13 @@ def _scheduler(config: Config):
     if settings.scheduler == "pbt":
         space = search_space(config)
         mutations = {key: space[key] for key in space if key.startswith(MIX) or key == "temperature"}
+        # synchronous: the whole population reaches each segment's end before the bottom quarter
+        # copies the top's checkpoints, so trials that wait for CPUs still take part
         return PopulationBasedTraining(
-            time_attr="training_iteration", perturbation_interval=1, hyperparam_mutations=mutations
+            time_attr="training_iteration",
+            perturbation_interval=1,
+            hyperparam_mutations=mutations,
+            synch=True,
         )
     return FIFOScheduler()
 
