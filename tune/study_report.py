@@ -56,17 +56,11 @@ def comparison_table(comparison: Comparison, runs) -> list[str]:
     for task in comparison.tasks:
         for metric in task_metrics(runs, task):
             a, b = metric_values(runs, base, task, metric), metric_values(runs, other, task, metric)
-            shared = sorted(set(a) & set(b))
-            difference = (
-                str(paired_difference([a[s] for s in shared], [b[s] for s in shared])) if shared else "—"
-            )
             arrow = "↑" if higher_is_better(metric) else "↓"
-            lines.append(f"| {task} | {metric} {arrow} | {_summary(a)} | {_summary(b)} | {difference} |")
+            lines.append(f"| {task} | {metric} {arrow} | {_summary(a)} | {_summary(b)} | {_paired(a, b)} |")
     if len(comparison.tasks) > 1:  # both arms train the same tasks: their objectives compare
         a, b = objective_values(runs, base), objective_values(runs, other)
-        shared = sorted(set(a) & set(b))
-        difference = str(paired_difference([a[s] for s in shared], [b[s] for s in shared])) if shared else "—"
-        lines.append(f"| all | objective ↑ | {_summary(a)} | {_summary(b)} | {difference} |")
+        lines.append(f"| all | objective ↑ | {_summary(a)} | {_summary(b)} | {_paired(a, b)} |")
     return [*lines, ""]
 
 
@@ -147,6 +141,12 @@ def arms_plot(study: Study, runs):
         ax.set_title(f"{task}: {metric} ({better} is better)", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def _paired(a: dict[int, float], b: dict[int, float]) -> str:
+    """b - a over the seeds both have ({seed: value} each)."""
+    shared = sorted(set(a) & set(b))
+    return str(paired_difference([a[s] for s in shared], [b[s] for s in shared])) if shared else "—"
 
 
 def _summary(values: dict[int, float]) -> str:
