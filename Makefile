@@ -5,18 +5,41 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-INSTALLED := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: demo test bench lint format venv debian test-debian
+# Installs come from uv.lock (every package of the tree at an exact version, with hashes), so
+# an upstream release cannot change what a commit installs. uv itself is pinned with hashes in
+# uv-bootstrap.txt and lives in a virtualenv of its own, .uv, that `uv sync` never touches.
+UV_HOME := .uv
+UV := $(UV_HOME)/bin/uv
+# Extras of pyproject.toml to install: `dev` (pytest, ruff) here; cluster.yaml's head adds `aws`.
+EXTRAS ?= dev
+INSTALLED := $(VENV)/.installed-from-lock-$(subst $() ,+,$(strip $(EXTRAS)))
+export UV_PROJECT_ENVIRONMENT := $(abspath $(VENV))
+export UV_PYTHON_DOWNLOADS := never
+
+.PHONY: demo test bench lint format venv lock check-lock debian test-debian
 
 venv: $(INSTALLED)
 
-$(INSTALLED): pyproject.toml
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
-	@rm -f $(VENV)/.installed-*
+$(UV): uv-bootstrap.txt
+	@test -x $(UV_HOME)/bin/python || $(PYTHON) -m venv $(UV_HOME)
+	$(UV_HOME)/bin/pip install --quiet --require-hashes --no-deps -r uv-bootstrap.txt
 	@touch $@
+
+$(INSTALLED): pyproject.toml uv.lock $(UV)
+	@$(MAKE) --no-print-directory check-lock
+	$(UV) sync --locked $(addprefix --extra ,$(EXTRAS)) --python $(PYTHON)
+	@rm -f $(VENV)/.installed-from-lock-*
+	@touch $@
+
+# A lock that no longer matches pyproject.toml fails here (and so in CI), saying what to run.
+check-lock: $(UV)
+	@$(UV) lock --check --python $(PYTHON) --quiet 2>/dev/null || { \
+		echo "uv.lock does not match pyproject.toml: run 'make lock' and commit uv.lock" >&2; exit 1; }
+
+# Re-resolve after editing pyproject.toml's ranges (add --upgrade-package NAME to move one).
+lock: $(UV)
+	$(UV) lock --python $(PYTHON) $(LOCK_ARGS)
 
 # Debian packages, installed when we are root (as CI is); otherwise the tests that need them
 # skip and say which apt-get line to run. The starter suite's, for the demo and the tests;
@@ -34,7 +57,7 @@ test-debian: debian
 demo: $(INSTALLED) debian
 	$(VENV)/bin/mm demo configs/starter.yaml
 
-test: $(INSTALLED) test-debian
+test: check-lock $(INSTALLED) test-debian
 	$(PY) -m pytest
 
 bench: $(INSTALLED)

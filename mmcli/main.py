@@ -238,10 +238,12 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as err:
-        if not _is_input_error(err):
-            raise
-        print(f"mm: {err}", file=sys.stderr)  # the message names the file and key: no traceback
-        sys.exit(2)
+        if _is_input_error(err):
+            print(f"mm: {err}", file=sys.stderr)  # the message names the file and key: no traceback
+            sys.exit(2)
+        from mmcli.failures import report_failure  # anything else: one line, the traceback in a log
+
+        sys.exit(report_failure(args.command, err))
 
 
 def _is_input_error(err: Exception) -> bool:

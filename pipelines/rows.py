@@ -200,6 +200,11 @@ class _Columns:
         return pa.table(self.columns, schema=self.schema)
 
 
+class ReaderFailed(RuntimeError):
+    """A reader raised on an item for a reason other than the item being bad; the message names
+    the task, split and item, since Ray Data's own wrapper does not."""
+
+
 def convert_batch(items: pa.Table, reader: Reader, context: RowContext) -> pa.Table:
     """Items -> rows, every item accounted for: kept, rejected or filtered. Runs in the workers.
     Rejections count items (one broken image is one bad item, whatever its captions); the length
@@ -214,6 +219,9 @@ def convert_batch(items: pa.Table, reader: Reader, context: RowContext) -> pa.Ta
         except Dropped as dropped:
             out.drop(dropped.outcome, dropped.reason, index, where, dropped.detail)
             continue
+        except Exception as err:  # not a bad row but a broken reader or install: stop, saying where
+            place = f"task {context.task!r} ({context.split}) at {where}"
+            raise ReaderFailed(f"{place}: {type(err).__name__}: {err}") from err
         for row in rows:
             too_long = length_violation(row, context)
             if too_long:

@@ -3,6 +3,10 @@
 Tests marked `owns_ray` start and stop Ray clusters with `ray start` / `ray up` / `ray stop`,
 which act on every Ray process of the machine: they run last, after the session's local Ray
 has been shut down.
+
+Tests marked `stack` check that the compiled dependencies load; they run first, and a failure
+among them ends the session (the rest would only fail in less readable ways). For the same reason
+this file imports torch and `mm` only inside fixtures.
 """
 
 from __future__ import annotations
@@ -11,24 +15,29 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
-
-from mm.config import ModelConfig
-from mm.model import MultiModel
-from mm.synthetic import VOCAB_SIZE, SyntheticData, synthetic_tasks
 
 
 @pytest.fixture
 def tasks():
+    from mm.synthetic import synthetic_tasks
+
     return {t.name: t for t in synthetic_tasks()}
 
 
 @pytest.fixture
 def data():
+    from mm.synthetic import SyntheticData
+
     return SyntheticData(seed=0)
 
 
-def tiny_model(seed: int = 0, **overrides) -> MultiModel:
+def tiny_model(seed: int = 0, **overrides):
+    import torch
+
+    from mm.config import ModelConfig
+    from mm.model import MultiModel
+    from mm.synthetic import VOCAB_SIZE, synthetic_tasks
+
     torch.manual_seed(seed)
     config = ModelConfig.model_validate({"preset": "tiny", **overrides})
     return MultiModel(config, synthetic_tasks(), VOCAB_SIZE)
@@ -60,7 +69,20 @@ def ray_local(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: item.get_closest_marker("owns_ray") is not None)  # stable: order kept
+    def rank(item) -> int:
+        if item.get_closest_marker("stack"):
+            return 0
+        return 2 if item.get_closest_marker("owns_ray") else 1
+
+    items.sort(key=rank)  # stable: the order within each rank is kept
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed and item.get_closest_marker("stack"):
+        item.session.shouldstop = "a compiled dependency does not load (see above): the install is broken"
+    return report
 
 
 @pytest.fixture

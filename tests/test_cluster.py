@@ -57,7 +57,7 @@ def test_cluster_configs_pass_ray_validation_and_bind_servers_to_localhost():
         start = " ".join(config["head_start_ray_commands"])
         assert "--dashboard-host=127.0.0.1" in start, path
         assert "mlflow server --host 127.0.0.1" in start, path
-        assert any("pip install --quiet -e ~/multimodel" in c for c in config["setup_commands"]), path
+        assert any("make -C ~/multimodel venv" in c for c in config["setup_commands"]), path
     aws = yaml.safe_load((REPO / "cluster.yaml").read_text())
     assert aws["provider"]["type"] == "aws" and aws["available_node_types"]["gpu_worker"]["max_workers"] > 0
     assert "object_spilling_config" in " ".join(aws["head_start_ray_commands"])
@@ -136,7 +136,7 @@ def sshd_through_proxy(tmp: Path) -> tuple[Path, str]:
 
 def local_onprem_config(tmp: Path, key: Path, proxy: str, dashboard: int, mlflow_port: int) -> Path:
     """cluster/onprem.yaml pointed at 127.0.0.1, with this checkout's virtualenv instead of
-    installing one (the install is what `pip install -e` does in CI already)."""
+    installing one (the install is what `make venv` does in CI already)."""
     config = yaml.safe_load((REPO / "cluster" / "onprem.yaml").read_text())
     config["provider"].update(head_ip="127.0.0.1", worker_ips=[])
     config.update(min_workers=0, max_workers=0, file_mounts={}, setup_commands=[])
