@@ -130,10 +130,11 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     from mmcli.tables import task_metric_table
     from tune.predictor import Predictor
-    from tune.registry import resolve_checkpoint
+    from tune.registry import checkpoint_from
 
-    predictor = Predictor(resolve_checkpoint(args.model, _tracking_uri(args)), beam=args.beam)
-    scores = predictor.evaluate(args.shards, args.split, args.examples)
+    with checkpoint_from(args.model, _tracking_uri(args)) as checkpoint:  # a download is removed after
+        predictor = Predictor(checkpoint, beam=args.beam)
+        scores = predictor.evaluate(args.shards, args.split, args.examples)
     flat = {
         f"eval/{task}/{metric}": value for task, values in scores.items() for metric, value in values.items()
     }
@@ -145,15 +146,33 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _predict(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from tune.predictor import Predictor
-    from tune.registry import resolve_checkpoint
+    from tune.predictor import PredictError, Predictor
+    from tune.registry import checkpoint_from
 
-    predictor = Predictor(resolve_checkpoint(args.model, _tracking_uri(args)), beam=args.beam)
-    modality = predictor.specs[args.task].input_modality if args.task in predictor.specs else "text"
-    value = Path(args.input).read_bytes() if modality != "text" else args.input
-    if modality == "text" and Path(args.input).is_file():
-        value = Path(args.input).read_text().strip()
-    print(predictor.predict(args.task, value))
+    def is_file(path: Path) -> bool:
+        try:
+            return path.is_file()
+        except OSError:  # a sentence longer than a file name can be
+            return False
+
+    with checkpoint_from(args.model, _tracking_uri(args)) as checkpoint:  # a download is removed after
+        predictor = Predictor(checkpoint, beam=args.beam)
+        modality = predictor.specs[args.task].input_modality if args.task in predictor.specs else "text"
+        path, source = Path(args.input), None
+        value: str | bytes = args.input  # text input: the argument itself, or a text file
+        try:
+            if modality != "text":
+                if not path.is_file():
+                    what = "not a file" if path.exists() else "no such file"
+                    raise PredictError(f"{path}: {what} (task {args.task!r} takes an {modality} file)")
+                value, source = path.read_bytes(), str(path)
+            elif is_file(path):
+                value, source = path.read_text(encoding="utf-8").strip(), str(path)
+        except OSError as err:
+            raise PredictError(f"{path}: cannot be read ({err.strerror or err})") from None
+        except UnicodeDecodeError as err:
+            raise PredictError(f"{path}: not a UTF-8 text file (byte {err.start} is not UTF-8)") from None
+        print(predictor.predict(args.task, value, source=source))
 
 
 def _with_config(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -4,7 +4,7 @@
        work: a missing or empty path, or a missing split file, fails here, naming task and path;
     2. the shared vocabulary (`pipelines.vocabulary`), trained again only when its sources change;
     3. per task: skip it when its fingerprint (corpus files, settings, vocabulary, reader
-       version) matches the published manifest; otherwise run each split through Ray Data
+       version, the rejection limit) matches the published manifest; otherwise run each split through Ray Data
        (`pipelines.sink.run_split`) into a staging folder, fail when a split rejects more than
        `data.max_rejected_fraction` of its items, and publish atomically (`pipelines.publish`).
 
@@ -44,7 +44,8 @@ logger = logging.getLogger(__name__)
 Log = Callable[[str], None]
 
 EXAMPLES_LOGGED = 5  # rejected rows logged per split, with their file and line
-FILTERED_WARNING = 0.05  # a split losing more than this share to the length limits is worth a word
+FILTERED_WARNING = 0.05  # a split losing more than this share of its rows to filters is worth a word
+LENGTH_REASONS = ("input_too_long", "target_too_long")  # filtered by the limits (`rows.length_violation`)
 
 
 class PrepareError(RuntimeError):
@@ -296,7 +297,9 @@ def task_fingerprint(
     config: Config, task: TaskConfig, reader: Reader, vocab: Vocabulary, fingerprints: SourceFingerprints
 ) -> str:
     """Everything the task's shards depend on. The vocabulary counts only for tasks that store
-    token ids: a new vocabulary (say, a task was added) leaves image classification alone."""
+    token ids: a new vocabulary (say, a task was added) leaves image classification alone. The
+    rejection limit counts too: shards published under a looser limit may not pass a stricter
+    one, so a changed limit checks the corpus again."""
     assert task.corpus is not None
     context = row_context(config, task, "train", vocab)
     return digest(
@@ -307,6 +310,7 @@ def task_fingerprint(
             "corpus": task.corpus.model_dump(mode="json"),
             "features": reader.features(context),
             "shard_rows": config.data.shard_rows,
+            "max_rejected_fraction": config.data.max_rejected_fraction,
             "vocab": vocab.sha256 if uses_vocabulary(task.kind) else None,
             "files": fingerprints(task.corpus.path),
         }
@@ -367,10 +371,9 @@ def log_dropped(where: str, items: int, stats: SplitStats, report: WriteReport, 
         log(f"{where}: ... {rejected - EXAMPLES_LOGGED} more rejected ({_reasons(stats.rejected)})")
     filtered = sum(stats.filtered.values())
     if items and filtered / items > FILTERED_WARNING:
-        log(
-            f"{where}: {filtered} of {items} rows filtered out ({_reasons(stats.filtered)}); "
-            "raise the task's max_input_length / max_target_length to keep them"
-        )
+        too_long = any(reason in LENGTH_REASONS for reason in stats.filtered)
+        hint = "; raise the task's max_input_length / max_target_length to keep them" if too_long else ""
+        log(f"{where}: {filtered} of {items} rows filtered out ({_reasons(stats.filtered)}){hint}")
 
 
 def check_rejections(

@@ -155,7 +155,8 @@ def decode_text(raw: bytes | str, what: str = "text") -> str:
 
 
 def require_text(text: str) -> str:
-    """Empty text (a blank line, an empty transcript) is filtered, not an error."""
+    """Empty text (a blank line of parallel text) is filtered, not an error. (An empty
+    transcript is a broken utterance: the speech readers reject it.)"""
     if not text:
         raise Filtered("empty_text")
     return text

@@ -3,6 +3,9 @@ bad rows, manifests, the shared vocabulary, and shards that train the model."""
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -171,6 +174,62 @@ def test_ptb_trees(prepared):
     assert manifest.rows("dev") == 3  # a folder of .mrg files
 
 
+def test_empty_captions_and_transcripts_are_rejected_and_bad_bytes_name_their_file(ray_local, tmp_path):
+    """An empty COCO caption and an empty transcript are counted rejections with their own
+    reasons; a Latin-1 line in the target file of a WMT pair is named by that file and line."""
+    coco = tmp_path / "raw" / "coco"
+    write_coco(coco)
+    annotations = coco / "annotations" / "captions_train.json"
+    data = json.loads(annotations.read_text())
+    data["annotations"].append({"id": 500, "image_id": 1, "caption": "  "})  # image 1 keeps two captions
+    shutil.copy(coco / "train" / "0000.png", coco / "train" / "0003.png")
+    data["images"].append({"id": 4, "file_name": "0003.png"})
+    data["annotations"].append({"id": 501, "image_id": 4, "caption": ""})  # its only caption
+    annotations.write_text(json.dumps(data))
+
+    wmt = tmp_path / "raw" / "wmt"
+    wmt.mkdir()
+    (wmt / "latin1.en").write_text("".join(f"{s}\n" for s, _ in SENTENCES))
+    targets = [t.encode() for _, t in SENTENCES]
+    targets[1] = "schöne grüße".encode("latin-1")
+    (wmt / "latin1.de").write_bytes(b"".join(t + b"\n" for t in targets))
+
+    speech = tmp_path / "raw" / "speech"
+    write_speech_manifest(speech)
+    with (speech / "train.csv").open("a") as csv:
+        csv.write("clips/2.wav,\nclips/3.wav,   \n")  # nothing said
+
+    latin1 = task_entry("wmt", "wmt", wmt)
+    latin1["corpus"]["splits"] = {"train": "latin1"}
+    tasks = [
+        task_entry("coco", "coco", coco, image_size=32),
+        latin1,
+        task_entry("speech", "speech_manifest", speech),
+    ]
+    config = make_config(tmp_path / "shards", tasks, max_rejected_fraction=0.6)
+    log: list[str] = []
+    manifests = prepare(config, log=log.append)
+
+    coco_train = manifests["coco"].splits["train"]
+    assert (coco_train.rows, coco_train.rejected, coco_train.filtered) == (6, {"empty_caption": 2}, {})
+    assert (
+        "coco/train: rejected (empty_caption) captions_train.json: annotation 500 of image 1 (0000.png)"
+        in log
+    )
+
+    assert manifests["wmt"].splits["train"].rejected == {"not_utf8": 1}
+    assert any(line.startswith("wmt/train: rejected (not_utf8) latin1.de:2: target:") for line in log)
+
+    speech_train = manifests["speech"].splits["train"]
+    assert (speech_train.rows, speech_train.rejected, speech_train.filtered) == (
+        2,
+        {"empty_transcript": 2},
+        {},
+    )
+    assert "speech/train: rejected (empty_transcript) train.csv:4: the transcript is empty" in log
+    assert not [line for line in log if line.startswith("speech/") and "max_input_length" in line]
+
+
 # ----------------------------------------------------------------------------- manifests, vocabulary
 
 
@@ -179,6 +238,10 @@ def test_first_bad_rows_are_logged_with_their_place(prepared):
     assert any("rejected (not_utf8) train.en.gz:3" in line for line in log)
     assert any("rejected (unmatched_line) train.de.gz:7" in line for line in log)
     assert any("rejected (unbalanced_brackets) train.mrg:8" in line for line in log)
+    # 1 of 7 WMT rows is over max_input_length: the hint names the limits
+    assert any(
+        line.startswith("wmt/train: 1 of 7 rows filtered") and "max_input_length" in line for line in log
+    )
 
 
 def test_manifest_describes_the_parts(prepared):

@@ -115,6 +115,22 @@ def test_an_unchanged_source_is_not_prepared_again(ray_local, wmt_config, tmp_pa
     assert dev["id"] == ["dev:1", "dev:2"] and len(dev["inputs"][0]) > 1
 
 
+def test_a_stricter_rejection_limit_checks_the_corpus_again(ray_local, tmp_path):
+    write_wmt(tmp_path / "raw", bad=True)  # 2 of 7 training items rejected: 28.6%
+    tasks = [task_entry("wmt", "wmt", tmp_path / "raw")]
+    loose = make_config(tmp_path / "shards", tasks, max_rejected_fraction=0.5)
+    prepare(loose)
+    log: list[str] = []
+    prepare(loose, log=log.append)
+    assert "wmt: up to date (6 rows)" in log
+
+    strict = make_config(tmp_path / "shards", tasks, max_rejected_fraction=0.1)
+    log.clear()
+    with pytest.raises(PrepareError, match=r"28\.6%\), over data.max_rejected_fraction = 10\.0%"):
+        prepare(strict, log=log.append)  # no --force: the limit alone is new
+    assert not [line for line in log if "up to date" in line and line.startswith("wmt")]
+
+
 def test_a_new_vocabulary_leaves_image_classification_alone(ray_local, tmp_path):
     write_imagenet(tmp_path / "images")
     write_wmt(tmp_path / "text")

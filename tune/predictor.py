@@ -26,7 +26,7 @@ from mm.model import MultiModel
 from mm.tasks import TaskSpec
 from mm.vocab import Vocabulary
 from pipelines.media import load_image, load_log_mel
-from pipelines.rows import AudioSettings
+from pipelines.rows import AudioSettings, BadRow
 
 SPEC_FIELDS = {"name", "kind", "command_id", "num_classes", "loss_weight"}
 
@@ -51,9 +51,10 @@ class Predictor:
 
     # ------------------------------------------------------------------------------- requests
 
-    def predict(self, task: str, value: str | bytes) -> str:
-        """A class name, or the decoded text."""
-        batch = self.batch(task, [value])
+    def predict(self, task: str, value: str | bytes, source: str | None = None) -> str:
+        """A class name, or the decoded text. `source`: where the value came from (the user's
+        file), named when it cannot be read."""
+        batch = self.batch(task, [value], None if source is None else [source])
         spec = self.specs[task]
         if spec.output_modality == "class":
             _, classes = self.model.classify(batch, topk=1)
@@ -63,7 +64,7 @@ class Predictor:
         max_len = self.config.task(task).max_target_length
         return self.vocab.decode(self.model.generate(batch, max_len=max_len, beam=self.beam)[0])
 
-    def batch(self, task: str, values: list[str | bytes]) -> Batch:
+    def batch(self, task: str, values: list[str | bytes], sources: list[str] | None = None) -> Batch:
         if task not in self.specs:
             raise PredictError(f"unknown task {task!r}; this model knows {', '.join(sorted(self.specs))}")
         modality = self.specs[task].input_modality
@@ -74,7 +75,8 @@ class Predictor:
                 [self.vocab.encode(v)[: self.config.task(task).max_input_length] for v in values]
             )
             return Batch(task, inputs, torch.zeros(len(values), 1, dtype=torch.long))
-        arrays = [self._decode_file(task, modality, v) for v in values]
+        named = sources or ["the input"] * len(values)
+        arrays = [self._decode_file(task, modality, v, source) for v, source in zip(values, named)]
         if modality == "image":
             return Batch(task, torch.from_numpy(_stack(arrays)), torch.zeros(len(values), dtype=torch.long))
         lengths = torch.tensor([len(a) for a in arrays])
@@ -83,15 +85,19 @@ class Predictor:
             frames[i, : len(a)] = torch.from_numpy(a)
         return Batch(task, frames, torch.zeros(len(values), 1, dtype=torch.long), lengths)
 
-    def _decode_file(self, task: str, modality: str, value: str | bytes):
+    def _decode_file(self, task: str, modality: str, value: str | bytes, source: str):
         data = value if isinstance(value, bytes) else _from_base64(value, task)
         features = self.records[task].get("features") or {}
         with tempfile.NamedTemporaryFile(suffix=".bin") as file:
             file.write(data)
             file.flush()
-            if modality == "image":
-                return load_image(file.name, int(features.get("image_size", self.config.data.image_size)))
-            return load_log_mel(file.name, _audio_settings(features, self.config))
+            try:
+                if modality == "image":
+                    return load_image(file.name, int(features.get("image_size", self.config.data.image_size)))
+                return load_log_mel(file.name, _audio_settings(features, self.config))
+            except BadRow as bad:  # its detail names the temporary file: name the user's instead
+                detail = bad.detail.replace(file.name, source).rstrip(".")
+                raise PredictError(_unreadable(source, task, modality, bad.reason, detail)) from None
 
     # ------------------------------------------------------------------------------- scoring
 
@@ -112,6 +118,16 @@ class Predictor:
     def aggregate(self, scores: dict[str, dict[str, float]]) -> float:
         primary = {task.name: task.metrics[0] for task in self.config.tasks}
         return aggregate_score(scores, primary, self.config.tune.reference)
+
+
+def _unreadable(source: str, task: str, modality: str, reason: str, detail: str) -> str:
+    if modality == "image":
+        return f"{source}: not an image the image task {task!r} can read ({detail})"
+    if reason == "empty_audio":
+        return f"{source}: an audio file without samples; the audio task {task!r} needs speech"
+    return (
+        f"{source}: not an audio file the audio task {task!r} can read (expected WAV, FLAC or OGG; {detail})"
+    )
 
 
 def _stack(arrays):

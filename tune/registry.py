@@ -14,6 +14,9 @@ version becomes `challenger`. The scores and the reason are tags on the version 
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -123,23 +126,57 @@ def _champion(client, name: str):
         return None
 
 
-def resolve_checkpoint(uri_or_path: str, tracking_uri: str | None = None) -> Path:
+def resolve_checkpoint(uri_or_path: str, tracking_uri: str | None = None, into: Path | None = None) -> Path:
     """A checkpoint directory from a path, or from a `models:/NAME@alias` / `models:/NAME/version`
-    URI (downloaded from the registry)."""
+    URI, downloaded into `into` (default: a new `mm-model-*` temporary folder, which the caller
+    owns; `checkpoint_from` removes it afterwards). A path or a URI that holds no checkpoint is a
+    `CheckpointError` naming it."""
+    from mm.checkpoint import DENSE, CheckpointError
+
     if not uri_or_path.startswith("models:/"):
         path = Path(uri_or_path)
-        if not (path / "dense.pt").is_file():
-            raise FileNotFoundError(f"{path}: not a checkpoint directory (no dense.pt)")
+        if not path.exists():
+            raise CheckpointError(f"{path}: no such checkpoint directory")
+        if not (path / DENSE).is_file():
+            raise CheckpointError(f"{path}: not a checkpoint directory (no {DENSE})")
         return path
-    import tempfile
+    import shutil
 
     import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
 
-    target = Path(tempfile.mkdtemp(prefix="mm-model-"))
-    path = mlflow.artifacts.download_artifacts(
-        artifact_uri=uri_or_path, dst_path=str(target), tracking_uri=tracking_uri
-    )
-    found = sorted((Path(path) / "artifacts").rglob("dense.pt"))  # the folder keeps its run's name
-    if not found:
-        raise FileNotFoundError(f"{uri_or_path}: the model holds no multimodel checkpoint")
+    target = Path(into) if into is not None else Path(tempfile.mkdtemp(prefix="mm-model-"))
+    try:
+        try:
+            path = mlflow.artifacts.download_artifacts(  # the registry is the tracking server's
+                artifact_uri=uri_or_path,
+                dst_path=str(target),
+                tracking_uri=tracking_uri,
+                registry_uri=tracking_uri,
+            )
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            where = f" at {tracking_uri}" if tracking_uri else ""
+            raise CheckpointError(
+                f"{uri_or_path}: not in the model registry{where} ({err.message})"
+            ) from None
+        found = sorted((Path(path) / "artifacts").rglob(DENSE))  # the folder keeps its run's name
+        if not found:
+            raise CheckpointError(f"{uri_or_path}: the model holds no multimodel checkpoint")
+    except BaseException:
+        if into is None:
+            shutil.rmtree(target, ignore_errors=True)
+        raise
     return found[0].parent
+
+
+@contextlib.contextmanager
+def checkpoint_from(uri_or_path: str, tracking_uri: str | None = None) -> Iterator[Path]:
+    """`resolve_checkpoint` for the length of a `with` block: a registry download (about the
+    size of the checkpoint) is removed when the block ends; a local path is left alone."""
+    if not uri_or_path.startswith("models:/"):
+        yield resolve_checkpoint(uri_or_path, tracking_uri)
+        return
+    with tempfile.TemporaryDirectory(prefix="mm-model-") as folder:
+        yield resolve_checkpoint(uri_or_path, tracking_uri, into=Path(folder))

@@ -8,6 +8,10 @@
 The train split has one row per caption (an image is decoded once for all of its captions);
 dev and test have one row per image, the first caption as target and all of them as
 `references`, as captioning metrics are computed against every reference.
+
+An annotation whose caption is empty (or only whitespace) is one rejected item
+(`empty_caption`, named by its annotation id); the image keeps its other captions. An image
+without any caption is filtered (`no_caption`).
 """
 
 from __future__ import annotations
@@ -66,15 +70,26 @@ class CocoReader(Reader):
         self.annotations_file(corpus, split)
         self.image_folder(corpus, split)
 
-    def captioned_images(self, corpus: CorpusConfig, split: str) -> list[tuple[Any, str, list[str]]]:
-        """(image id, file name, captions) of every image the json lists."""
+    def captioned_images(
+        self, corpus: CorpusConfig, split: str
+    ) -> list[tuple[Any, str, list[str], list[Any]]]:
+        """(image id, file name, captions, ids of its annotations with an empty caption) of
+        every image the json lists."""
         path = self.annotations_file(corpus, split)
         try:
             coco = json.loads(path.read_bytes())
             captions: dict[Any, list[str]] = defaultdict(list)
+            empty: dict[Any, list[Any]] = defaultdict(list)
             for annotation in coco["annotations"]:
-                captions[annotation["image_id"]].append(normalise_caption(annotation["caption"]))
-            return [(image["id"], image["file_name"], captions[image["id"]]) for image in coco["images"]]
+                caption = normalise_caption(annotation["caption"])
+                if caption:
+                    captions[annotation["image_id"]].append(caption)
+                else:
+                    empty[annotation["image_id"]].append(annotation.get("id", "?"))
+            return [
+                (image["id"], image["file_name"], captions[image["id"]], empty[image["id"]])
+                for image in coco["images"]
+            ]
         except (ValueError, KeyError, TypeError, AttributeError) as err:  # UTF-8 errors are ValueErrors
             raise SourceError(f"{path}: not a COCO captions file ({type(err).__name__}: {err})") from None
 
@@ -82,13 +97,18 @@ class CocoReader(Reader):
         folder = self.image_folder(corpus, split)
         json_name = self.annotations_file(corpus, split).name
         items = new_items("id", "path", "captions")
-        for image_id, file_name, captions in self.captioned_images(corpus, split):
+        for image_id, file_name, captions, empty in self.captioned_images(corpus, split):
             where = f"{json_name}: image {image_id} ({file_name})"
-            add_item(items, where, id=str(image_id), path=str(folder / file_name), captions=captions)
+            path = str(folder / file_name)
+            for annotation_id in empty:
+                place = f"{json_name}: annotation {annotation_id} of image {image_id} ({file_name})"
+                add_item(items, place, "empty_caption", id=str(image_id), path=path, captions=[])
+            if captions or not empty:  # an image whose captions are all empty is counted above
+                add_item(items, where, id=str(image_id), path=path, captions=captions)
         return items
 
     def rows(self, item: dict[str, Any], context: RowContext) -> list[Row]:
-        captions = [caption for caption in item["captions"] if caption]
+        captions = item["captions"]  # empty ones are items of their own (`items`), rejected
         if not captions:
             raise Filtered("no_caption")
         image = load_image(item["path"], context.image_size)
@@ -101,8 +121,8 @@ class CocoReader(Reader):
         return [Row(item["id"], image, vocab.encode(captions[0]), captions[0], captions)]
 
     def texts(self, corpus: CorpusConfig, split: str) -> Iterator[str]:
-        for _, _, captions in self.captioned_images(corpus, split):
-            yield from (caption for caption in captions if caption)
+        for _, _, captions, _ in self.captioned_images(corpus, split):
+            yield from captions
 
     def features(self, context: RowContext) -> dict[str, Any]:
         return {**super().features(context), "image_size": context.image_size, "channels": 3}

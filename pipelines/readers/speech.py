@@ -8,7 +8,8 @@
                      relative paths are resolved against <path>
 
 Audio becomes log-mel frames (`pipelines.media.load_log_mel`); the transcript is lower-cased
-(LibriSpeech writes upper case) with single spaces, then tokenised.
+(LibriSpeech writes upper case) with single spaces, then tokenised. An utterance whose transcript
+is empty is rejected (`empty_transcript`): speech with nothing to recognise is a broken record.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 from mm.config import CorpusConfig
 from pipelines.media import load_log_mel
 from pipelines.readers.base import Items, Reader, SourceError, add_item, new_items, read_lines, split_prefix
-from pipelines.rows import Row, RowContext, decode_text, require_text
+from pipelines.rows import BadRow, Row, RowContext, decode_text
 
 # (id, audio path, transcript bytes, where, problem)
 Utterance = tuple[str, str, bytes, str, str]
@@ -49,7 +50,9 @@ class SpeechReader(Reader):
         return items
 
     def rows(self, item: dict[str, Any], context: RowContext) -> list[Row]:
-        transcript = require_text(normalise_transcript(decode_text(item["text"], "transcript")))
+        transcript = normalise_transcript(decode_text(item["text"], "transcript"))
+        if not transcript:
+            raise BadRow("empty_transcript", "the transcript is empty")
         features = load_log_mel(item["path"], context.audio)
         return [Row(item["id"], features, context.vocab.encode(transcript), transcript)]
 

@@ -6,7 +6,8 @@
           (attribution and the like) are ignored
 
 Lines are carried as bytes and decoded in the workers, so a line that is not UTF-8 is one
-rejected row. When the two WMT files differ in length the lines past the shorter one are
+rejected row; the driver only looks which of the two WMT files holds the bad bytes, so that the
+rejection names that file and line. When the two WMT files differ in length the lines past the shorter one are
 unmatched and rejected.
 """
 
@@ -85,7 +86,18 @@ class WmtReader(ParallelText):
                 longer = source_path if target is None else target_path
                 yield f"{prefix}:{n}", source or b"", target or b"", f"{longer.name}:{n}", "unmatched_line"
             else:
-                yield f"{prefix}:{n}", source, target, f"{source_path.name}:{n}", ""
+                named = target_path if _utf8(source) and not _utf8(target) else source_path
+                yield f"{prefix}:{n}", source, target, f"{named.name}:{n}", ""
+
+
+def _utf8(line: bytes) -> bool:
+    if line.isascii():  # most lines, and much faster than decoding
+        return True
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 class TsvReader(ParallelText):
