@@ -25,6 +25,7 @@ from mm.vocab import Vocabulary
 Rows = dict[str, np.ndarray]
 IN_MEMORY_GROWTH = 3  # decoded Arrow blocks vs compressed parquet, roughly
 STORE_SHARE = 0.3  # of the object store the training sets may hold when read up front
+EVAL_SPLIT = "dev"  # what training evaluates on, and so what model selection sees
 
 
 def load_manifests(config: Config) -> dict[str, Manifest]:
@@ -33,12 +34,19 @@ def load_manifests(config: Config) -> dict[str, Manifest]:
 
 
 def check_shards(config: Config, vocab: Vocabulary, manifests: Mapping[str, Manifest]) -> None:
-    """Shards must exist for the training split and be made with this vocabulary."""
+    """Shards must exist for the training split and the evaluation split, and be made with
+    this vocabulary. Training evaluates on `dev`: a task without one would score zeros."""
     for task in config.tasks:
         manifest = manifests[task.name]
         if manifest.rows("train") == 0 or not part_files(config.data.shards, task.name, "train"):
             raise ShardError(
                 f"task {task.name!r} has no training shards under {config.data.shards}/{task.name}"
+            )
+        if manifest.rows(EVAL_SPLIT) == 0 or not part_files(config.data.shards, task.name, EVAL_SPLIT):
+            raise ShardError(
+                f"task {task.name!r} has no {EVAL_SPLIT!r} split to evaluate on (its splits: "
+                f"{', '.join(sorted(manifest.splits)) or 'none'}); name its held-out split "
+                f"{EVAL_SPLIT!r} in corpus.splits, e.g. splits: {{train: ..., {EVAL_SPLIT}: val}}"
             )
         if manifest.vocab_sha256 != vocab.sha256:
             raise ShardError(
@@ -169,6 +177,14 @@ def read_rows(root: str | Path, task: str, split: str, limit: int) -> Rows:
     files = part_files(root, task, split)
     sizes = [pq.ParquetFile(path).metadata.num_rows for path in files]
     total = sum(sizes)
+    if not total:  # scoring nothing would read as a score of 0 (or a perfect WER)
+        folder = Path(root) / task
+        held = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+        what = "has no rows" if files else "does not exist"
+        raise ShardError(
+            f"task {task!r}: split {split!r} {what} under {folder} "
+            f"(splits there: {', '.join(held) or 'none'})"
+        )
     wanted = np.unique(np.linspace(0, total - 1, min(limit, total)).round().astype(int)) if total else []
     taken: dict[str, list] = {name: [] for name in COLUMNS}
     start = 0

@@ -19,7 +19,7 @@ from typing import Any
 
 from cluster.data import check_shards, load_manifests, train_datasets
 from cluster.tracking import client, resolve_tracking_uri, start_metrics_sink, start_run
-from mm.checkpoint import CheckpointError, read_vocab
+from mm.checkpoint import CheckpointError, read_run_record, read_vocab, verify_checkpoint
 from mm.config import Config
 from mm.shards import VOCAB
 from mm.vocab import Vocabulary
@@ -27,6 +27,16 @@ from mm.vocab import Vocabulary
 
 class JobError(RuntimeError):
     pass
+
+
+class TrainingFailed(RuntimeError):
+    """Training failed and Ray Train's restarts (`cluster.max_failures`) are used up; the
+    cause is chained. `checkpoint` is the latest complete one, to `--resume` from."""
+
+    def __init__(self, restarts: int, checkpoint: Path | None):
+        latest = f"latest checkpoint {checkpoint}" if checkpoint else "no checkpoint was written"
+        super().__init__(f"training failed after {restarts} restart(s) (cluster.max_failures); {latest}")
+        self.restarts, self.checkpoint = restarts, checkpoint
 
 
 @dataclass
@@ -86,9 +96,11 @@ def scaling_config(config: Config):
     )
 
 
-def check_checkpoint_vocab(checkpoint: Path, vocab: Vocabulary) -> None:
+def check_checkpoint(checkpoint: Path, vocab: Vocabulary) -> None:
+    """The checkpoint to resume: whole (every file's sha256) and made with this vocabulary."""
     if not checkpoint.is_dir():
         raise JobError(f"--resume {checkpoint}: no such checkpoint directory")
+    verify_checkpoint(checkpoint)
     saved = read_vocab(checkpoint)
     if saved is not None and Vocabulary(saved).sha256 != vocab.sha256:
         raise CheckpointError(
@@ -118,13 +130,14 @@ def train(
     manifests = load_manifests(config)
     check_shards(config, vocab, manifests)
     if resume is not None:
-        check_checkpoint_vocab(Path(resume), vocab)
+        check_checkpoint(Path(resume), vocab)
     connect(address)
     check_resources(config)
     uri = resolve_tracking_uri(config.mlflow.tracking_uri)
-    run_id = run_id or start_run(uri, config, run_name, parent_run_id)
+    run_id = run_id or start_run(uri, config, run_name, parent_run_id, lineage_tags(resume))
 
     cluster = config.cluster
+    name = f"{folder_name(run_name or config.name)}-{time.strftime('%Y%m%d-%H%M%S')}"
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={
@@ -137,7 +150,7 @@ def train(
         },
         scaling_config=scaling_config(config),
         run_config=ray.train.RunConfig(
-            name=f"{folder_name(run_name or config.name)}-{time.strftime('%Y%m%d-%H%M%S')}",
+            name=name,
             callbacks=list(callbacks),
             storage_path=str(cluster.storage_path),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cluster.checkpoints_to_keep),
@@ -147,15 +160,42 @@ def train(
     )
     try:
         result = trainer.fit()
-    except Exception:
+    except Exception as err:
         client(uri).set_terminated(run_id, status="FAILED")
-        raise
+        latest = latest_checkpoint(Path(cluster.storage_path) / name)
+        raise TrainingFailed(cluster.max_failures, latest) from err
     checkpoint = Path(result.checkpoint.path) if result.checkpoint else None
     mlflow = client(uri)
     if checkpoint is not None:
         mlflow.log_artifacts(run_id, str(checkpoint), "checkpoint")
     mlflow.set_terminated(run_id)
     return TrainingResult(run_id, uri, checkpoint, dict(result.metrics or {}), time.time() - started)
+
+
+RESUMED_FROM, RESUMED_FROM_RUN = "mm.resumed_from", "mm.resumed_from_run"
+
+
+def lineage_tags(resume: str | Path | None) -> dict[str, str]:
+    """A resumed run is a new MLflow run that names where it came from: the checkpoint, and the
+    run that wrote it (recorded in the checkpoint's run.json)."""
+    if resume is None:
+        return {}
+    tags = {RESUMED_FROM: str(Path(resume).absolute())}
+    origin = read_run_record(resume).get("mlflow_run_id")
+    if origin:
+        tags[RESUMED_FROM_RUN] = origin
+    return tags
+
+
+def latest_checkpoint(run_folder: Path) -> Path | None:
+    """The newest checkpoint of a Ray Train run folder that is whole (every file's sha256)."""
+    for candidate in sorted(run_folder.glob("checkpoint_*"), reverse=True):
+        try:
+            verify_checkpoint(candidate)
+        except CheckpointError:
+            continue  # being written when the run died
+        return candidate
+    return None
 
 
 def folder_name(run_name: str) -> str:

@@ -59,13 +59,19 @@ def experiment_id(uri: str, config: Config) -> str:
     return mlflow.create_experiment(name, artifact_location=location)
 
 
-def start_run(uri: str, config: Config, run_name: str | None = None, parent_run_id: str | None = None) -> str:
+def start_run(
+    uri: str,
+    config: Config,
+    run_name: str | None = None,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> str:
     """Create the run (nested under `parent_run_id` for a sweep's trials) and log the config."""
     from mlflow.entities import Param
 
     mlflow = client(uri)
-    tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
-    run = mlflow.create_run(experiment_id(uri, config), run_name=run_name or config.name, tags=tags)
+    tags = {**(tags or {}), **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
+    run = mlflow.create_run(experiment_id(uri, config), run_name=run_name or config.name, tags=tags or None)
     params = [Param(key[:250], _param_value(value)) for key, value in flatten(config).items()]
     for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
         mlflow.log_batch(run.info.run_id, params=params[start : start + 100])

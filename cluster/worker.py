@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cluster.data import evaluation_batches, ray_stream, read_rows
+from cluster.data import EVAL_SPLIT, evaluation_batches, ray_stream, read_rows
 from cluster.tracking import MetricsBuffer
 from mm.build import task_specs
 from mm.checkpoint import load_checkpoint, save_checkpoint
@@ -136,7 +136,7 @@ class _Run:
         limit = self.config.train.eval_examples
         sets = {}
         for name, spec in self.specs.items():
-            rows = read_rows(self.config.data.shards, name, "dev", limit)
+            rows = read_rows(self.config.data.shards, name, EVAL_SPLIT, limit)
             sets[name] = evaluation_batches(
                 spec, rows, self.rank, self.world, self.config.task(name).batch_size
             )
@@ -228,6 +228,7 @@ class _Run:
                     config=self.config.model_dump(mode="json"),
                     vocab=self.vocab.proto,
                     tasks=self.task_records,
+                    run={"mlflow_run_id": self.run_id, "step": step},
                     write_dense=self.rank == 0,
                     write_experts=writes_experts,
                 )

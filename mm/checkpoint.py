@@ -7,6 +7,11 @@
     config.json              the experiment config
     tasks.json               per task: kind, command id, classes and their names, input features
     vocab.model              the vocabulary (when the run had one)
+    run.json                 the MLflow run and step that wrote it
+    NAME.sha256              beside every file above: its sha256, checked on load
+
+Each file carries its own checksum file, so the ranks' directories merge into one checkpoint
+with every hash in place; a file that was cut short or altered fails the load with its name.
 
 Experts are stored one file per global id, so a checkpoint written by 4 ranks (2 experts each)
 loads on 2 ranks (4 each) or 1: each rank reads the files of the experts it now holds. Rank 0
@@ -17,6 +22,8 @@ Everything is plain tensors and numbers, loaded with `torch.load(weights_only=Tr
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -27,9 +34,11 @@ from torch import Tensor, nn
 from mm.moe import Experts
 
 DENSE, TRAINER, CONFIG, TASKS, VOCAB = "dense.pt", "trainer.pt", "config.json", "tasks.json", "vocab.model"
+RUN = "run.json"  # which run wrote it, at which step: the lineage of a resumed run
 EXPERTS_DIR = "experts"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 STEP = "step"  # Adam's per-parameter step count: a parameter unused by a task skips steps
+CHECKSUM = ".sha256"
 
 
 class CheckpointError(ValueError):
@@ -61,6 +70,7 @@ def save_checkpoint(
     config: dict[str, Any] | None = None,
     vocab: bytes | None = None,
     tasks: list[dict[str, Any]] | None = None,
+    run: dict[str, Any] | None = None,
     write_dense: bool = True,
     write_experts: bool = True,
 ) -> Path:
@@ -81,11 +91,13 @@ def save_checkpoint(
             directory / TRAINER,
         )
         if config is not None:
-            (directory / CONFIG).write_text(json.dumps(config, indent=2))
+            write_file(directory / CONFIG, json.dumps(config, indent=2).encode())
         if vocab is not None:
-            (directory / VOCAB).write_bytes(vocab)
+            write_file(directory / VOCAB, vocab)
         if tasks is not None:
-            (directory / TASKS).write_text(json.dumps(tasks, indent=2))
+            write_file(directory / TASKS, json.dumps(tasks, indent=2).encode())
+        if run is not None:
+            write_file(directory / RUN, json.dumps(run, indent=2).encode())
     if write_experts:
         for expert_id, content in _expert_contents(model, moments).items():
             _save(content, expert_file(directory, expert_id))
@@ -120,10 +132,58 @@ def _expert_contents(model: nn.Module, moments: dict[str, dict[str, Tensor]]) ->
 
 
 def _save(obj: Any, path: Path) -> None:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_file(path, buffer.getvalue())
+
+
+def write_file(path: Path, content: bytes) -> None:
+    """A file of a checkpoint, then its checksum, each by rename: a reader never sees half of
+    either. Anything added to a checkpoint (a sweep's segment state) goes through here."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    for target, data in (
+        (path, content),
+        (_checksum_file(path), hashlib.sha256(content).hexdigest().encode()),
+    ):
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_bytes(data)
+        tmp.replace(target)
+
+
+def _checksum_file(path: Path) -> Path:
+    return path.with_name(path.name + CHECKSUM)
+
+
+# ----------------------------------------------------------------------------------------- verify
+
+
+def verify_checkpoint(directory: str | Path) -> None:
+    """Every file of the checkpoint against its recorded sha256; the first that does not match
+    (or has no record) is an error naming it. Cheap next to loading: run it before any work."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: no such checkpoint directory")
+    if not (directory / DENSE).is_file():
+        raise CheckpointError(f"{directory}: not a checkpoint ({DENSE} is missing)")
+    for path in sorted(directory.rglob("*")):
+        if not path.is_file() or path.name.endswith(CHECKSUM) or path.name.startswith("."):
+            continue
+        record = _checksum_file(path)
+        if not record.is_file():
+            raise CheckpointError(f"{path}: no recorded sha256 ({record.name} is missing)")
+        if _sha256(path) != record.read_text().strip():
+            raise CheckpointError(
+                f"{path}: sha256 does not match the one recorded when it was written "
+                "(cut short or altered); use another checkpoint"
+            )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------- load
@@ -137,8 +197,7 @@ def load_checkpoint(
     """Load weights (and Adam moments) into `model` as it is sharded now; returns the trainer
     state. Any difference in parameter names or shapes is an error naming the parameter."""
     directory = Path(directory)
-    if not (directory / DENSE).is_file():
-        raise CheckpointError(f"{directory}: not a checkpoint ({DENSE} is missing)")
+    verify_checkpoint(directory)
     dense = _load(directory / DENSE)
     expert_names = _expert_param_names(model)
     named = dict(model.named_parameters())
@@ -164,7 +223,12 @@ def load_checkpoint(
 
 
 def _load(path: Path) -> Any:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a file whose hash matched but which torch cannot read
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint file ({type(err).__name__}: {err})"
+        ) from None
 
 
 def _load_expert(directory: Path, expert_id: int) -> dict[str, Any]:
@@ -202,6 +266,11 @@ def read_tasks(directory: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise CheckpointError(f"{directory}: no {TASKS} in the checkpoint (written by `mm train`)")
     return json.loads(path.read_text())
+
+
+def read_run_record(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / RUN
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def read_vocab(directory: str | Path) -> bytes | None:

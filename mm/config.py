@@ -263,7 +263,9 @@ class ClusterConfig(Section):
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool = False
     expert_parallel: int | None = Field(None, ge=1, description="ranks sharing one copy of the experts")
-    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint")
+    # Restarts of the worker group from its latest checkpoint (-1: unlimited). On by default: a
+    # worker lost to a node failure or an OOM kill should cost a few steps, not the run.
+    max_failures: int = Field(3, ge=-1, description="worker-group restarts from the last checkpoint")
     storage_path: Path = Path("runs")
     checkpoints_to_keep: int = Field(2, ge=1)
 

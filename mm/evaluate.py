@@ -46,13 +46,15 @@ def evaluate_task(
     model.eval()
     try:
         if model.tasks[task].output_modality == "class":
-            return _score_classes(model, batches, metric_names, parallel)
-        return _score_text(model, batches, metric_names, detokenize, max_len, beam, parallel)
+            return _score_classes(model, task, batches, metric_names, parallel)
+        return _score_text(model, task, batches, metric_names, detokenize, max_len, beam, parallel)
     finally:
         model.train(was_training)
 
 
-def _score_classes(model: MultiModel, batches: Iterable[Batch], metric_names, parallel) -> dict[str, float]:
+def _score_classes(
+    model: MultiModel, task: str, batches: Iterable[Batch], metric_names, parallel
+) -> dict[str, float]:
     top1 = top5 = examples = 0.0
     for batch in batches:
         top = model.classify(batch, topk=5)[1]
@@ -60,11 +62,21 @@ def _score_classes(model: MultiModel, batches: Iterable[Batch], metric_names, pa
         top5 += M.top_k_accuracy(top, batch.targets, 5) * len(batch)
         examples += len(batch)
     top1, top5, examples = parallel.sum([top1, top5, examples])
-    scores = {"accuracy": top1 / max(examples, 1), "top5": top5 / max(examples, 1)}
+    _require_examples(task, examples)
+    scores = {"accuracy": top1 / examples, "top5": top5 / examples}
     return {name: scores[name] for name in metric_names if name in scores}
 
 
-def _score_text(model, batches, metric_names, detokenize, max_len, beam, parallel) -> dict[str, float]:
+class NothingToScore(ValueError):
+    """No example reached the metrics: a zero here would read as a result."""
+
+
+def _require_examples(task: str, count: float) -> None:
+    if count == 0:
+        raise NothingToScore(f"task {task!r}: no examples to score (an empty or missing split?)")
+
+
+def _score_text(model, task, batches, metric_names, detokenize, max_len, beam, parallel) -> dict[str, float]:
     nll = correct = tokens = 0.0
     hypotheses: list[str] = []
     references: list = []
@@ -83,7 +95,8 @@ def _score_text(model, batches, metric_names, detokenize, max_len, beam, paralle
             hypotheses += [detokenize(ids) for ids in outputs]
             references += batch.references or [detokenize(_strip(row)) for row in targets.tolist()]
     nll, correct, tokens = parallel.sum([nll, correct, tokens])
-    scores = {"log_ppl": nll / max(tokens, 1), "token_accuracy": correct / max(tokens, 1)}
+    _require_examples(task, tokens)
+    scores = {"log_ppl": nll / tokens, "token_accuracy": correct / tokens}
     if decode:
         hypotheses = [h for part in parallel.gather(hypotheses) for h in part]
         references = [r for part in parallel.gather(references) for r in part]

@@ -193,11 +193,14 @@ def aggregate_score(
     primary: dict[str, str],
     references: dict[str, float] | None = None,
 ) -> float:
-    """The mean over tasks of each task's primary metric, normalised (`normalized`)."""
+    """The mean over tasks of each task's primary metric, normalised (`normalized`). A task
+    without a score is left out, never counted as 0; with no task scored there is no aggregate."""
     references = references or {}
     values = [
         normalized(metric, scores[task][metric], references.get(task))
         for task, metric in primary.items()
         if metric in scores.get(task, {})
     ]
-    return sum(values) / len(values) if values else 0.0
+    if not values:
+        raise ValueError(f"no task of {', '.join(primary) or 'none'} was scored: there is no aggregate")
+    return sum(values) / len(values)

@@ -90,12 +90,14 @@ def log_path(command: str) -> Path:
     return folder / f"mm-{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
 
 
-def report_failure(command: str, err: BaseException) -> int:
-    """Write the whole traceback to a log file, print one line that names it; the exit status."""
+def report_failure(command: str, err: BaseException, hint: str | None = None) -> int:
+    """Write the whole traceback to a log file, print one line that names it (and `hint`, what
+    to do next); the exit status."""
     path = log_path(command).absolute()
     text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
     path.write_text(f"mm {command}: {' '.join(sys.argv[1:])}\n\n{text}")
     _stop_ray()  # Ray forwards the workers' output to this terminal: stop it first, so this line is last
     sys.stdout.flush()
-    print(f"mm {command} failed in {explain(err)} (full traceback: {path})", file=sys.stderr)
+    advice = f"; {hint}" if hint else ""
+    print(f"mm {command} failed in {explain(err)}{advice} (full traceback: {path})", file=sys.stderr)
     return 1

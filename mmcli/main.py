@@ -36,7 +36,8 @@ def _load(args: argparse.Namespace):
 def _train(args: argparse.Namespace) -> None:
     from rich.console import Console
 
-    from cluster.job import train
+    from cluster.job import TrainingFailed, train
+    from mmcli.failures import report_failure
     from mmcli.tables import task_metric_table
 
     config = _load(args)
@@ -44,11 +45,27 @@ def _train(args: argparse.Namespace) -> None:
         low, _, high = args.workers.partition("-")
         config.cluster.workers = int(high or low)
         config.cluster.min_workers = int(low) if high else None
-    result = train(config, address=args.address, resume=args.resume)
+    try:
+        result = train(config, address=args.address, resume=args.resume)
+    except TrainingFailed as failed:
+        sys.exit(report_failure("train", failed, hint=_resume_hint(failed)))
     console = Console()
     console.print(task_metric_table(result.metrics, f"{config.name}: step {result.metrics.get('step')}"))
     console.print(f"checkpoint: {result.checkpoint}")
     console.print(f"MLflow run: {result.run_id} at {result.tracking_uri}")
+
+
+def _resume_hint(failed) -> str:
+    """What the user reads after the restarts ran out: the checkpoint, and the exact command."""
+    import shlex
+
+    if failed.checkpoint is None:
+        return f"{failed}; start again with: mm {shlex.join(sys.argv[1:])}"
+    argv = sys.argv[1:]
+    if "--resume" in argv:  # resumed before: continue from the newer checkpoint instead
+        at = argv.index("--resume")
+        argv = argv[:at] + argv[at + 2 :]
+    return f"{failed}; continue with: mm {shlex.join([*argv, '--resume', str(failed.checkpoint)])}"
 
 
 def _tune(args: argparse.Namespace) -> None:

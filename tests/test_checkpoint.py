@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
+
+import pytest
 import torch
 
-from mm.checkpoint import CheckpointError, expert_file, load_checkpoint, save_checkpoint
+from mm.checkpoint import (
+    CheckpointError,
+    expert_file,
+    load_checkpoint,
+    read_run_record,
+    save_checkpoint,
+    verify_checkpoint,
+    write_file,
+)
 from mm.parallel import DataExpertParallel, split_parameters
 from mm.selftest import selftest_config
 from mm.synthetic import SyntheticData, synthetic_tasks
@@ -68,7 +79,7 @@ def test_checkpoint_that_does_not_fit_the_model_is_refused(tmp_path):
     try:
         load_checkpoint(tmp_path / "nothing", wider)
     except CheckpointError as err:
-        assert "not a checkpoint" in str(err)
+        assert "no such checkpoint directory" in str(err)
 
 
 # ----------------------------------------------------------------------- re-sharding across layouts
@@ -112,7 +123,7 @@ def load_on_ranks_and_compare(rank: int, world: int, directory: str, whole_direc
 def test_checkpoint_saved_on_4_ranks_loads_on_1_and_2_and_round_trips(tmp_path):
     four, one = tmp_path / "four", tmp_path / "one"
     run_distributed(save_on_ranks, 4, str(four))
-    assert sorted(p.name for p in (four / "experts").iterdir()) == [f"expert-{i:03d}.pt" for i in range(4)]
+    assert sorted(p.name for p in (four / "experts").glob("*.pt")) == [f"expert-{i:03d}.pt" for i in range(4)]
 
     # 1 process: every expert; saving again gives the same expert files
     whole = tiny_model(seed=7, **EXPERTS)
@@ -130,3 +141,57 @@ def test_checkpoint_saved_on_4_ranks_loads_on_1_and_2_and_round_trips(tmp_path):
 
     # 2 ranks: two experts each, the right two, with their Adam moments
     run_distributed(load_on_ranks_and_compare, 2, str(four), str(one))
+
+
+# ------------------------------------------------------------------------------------- integrity
+
+
+def cut_in_half(path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def saved(tmp_path):
+    model = tiny_model(seed=0)
+    return save_checkpoint(
+        tmp_path / "ckpt", model, tasks=[{"name": "t"}], run={"mlflow_run_id": "abc"}
+    ), model
+
+
+def test_every_file_of_a_checkpoint_carries_its_sha256(tmp_path):
+    directory, model = saved(tmp_path)
+    files = [p for p in directory.rglob("*") if p.is_file() and not p.name.endswith(".sha256")]
+    assert {"dense.pt", "trainer.pt", "tasks.json", "run.json"} <= {p.name for p in files}
+    for path in files:
+        recorded = (path.parent / (path.name + ".sha256")).read_text().strip()
+        assert recorded == hashlib.sha256(path.read_bytes()).hexdigest(), path
+    verify_checkpoint(directory)
+    assert read_run_record(directory) == {"mlflow_run_id": "abc"}
+    load_checkpoint(directory, model)
+
+
+@pytest.mark.parametrize("name", ["dense.pt", "experts/expert-002.pt", "tasks.json"])
+def test_a_cut_file_fails_the_load_with_one_line_naming_it(tmp_path, name):
+    directory, model = saved(tmp_path)
+    cut_in_half(directory / name)
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(directory, model)
+    message = str(caught.value)
+    assert message.startswith(str(directory / name)) and "sha256 does not match" in message
+    assert "\n" not in message
+
+
+def test_a_file_without_its_record_or_a_missing_directory_is_refused(tmp_path):
+    directory, model = saved(tmp_path)
+    (directory / "trainer.pt.sha256").unlink()
+    with pytest.raises(CheckpointError, match=r"trainer\.pt: no recorded sha256"):
+        verify_checkpoint(directory)
+    with pytest.raises(CheckpointError, match="no such checkpoint directory"):
+        verify_checkpoint(tmp_path / "nowhere")
+
+
+def test_a_file_torch_cannot_read_is_named_even_when_its_hash_matches(tmp_path):
+    directory, model = saved(tmp_path)
+    write_file(directory / "dense.pt", b"not a zip archive")  # consistent record, unreadable content
+    with pytest.raises(CheckpointError, match=r"dense\.pt: not a readable checkpoint file"):
+        load_checkpoint(directory, model)

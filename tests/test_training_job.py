@@ -4,16 +4,18 @@ parallelism, checkpoints, resuming on another number of workers, a killed worker
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from cluster.job import JobError, check_resources, train
+from cluster.job import RESUMED_FROM, RESUMED_FROM_RUN, JobError, TrainingFailed, check_resources, train
 from cluster.tracking import client
-from mm.checkpoint import CheckpointError
+from mm.checkpoint import CheckpointError, verify_checkpoint
 from mm.config import ConfigError, parse_config
 from mm.shards import ShardError
 
@@ -69,7 +71,7 @@ def test_two_workers_train_with_sharded_experts_and_log_to_mlflow(two_worker_run
     assert result.metrics["step"] == 6
     assert {"eval/reverse/bleu", "eval/reverse/log_ppl", "eval/patches/accuracy"} <= set(result.metrics)
     # one checkpoint, merged from both workers: rank 0's dense part, each rank's 2 experts
-    files = sorted(p.name for p in (result.checkpoint / "experts").iterdir())
+    files = sorted(p.name for p in (result.checkpoint / "experts").glob("*.pt"))
     assert files == [f"expert-{i:03d}.pt" for i in range(4)]
     assert (result.checkpoint / "dense.pt").is_file() and (result.checkpoint / "vocab.model").is_file()
     run = client(result.tracking_uri).get_run(result.run_id)
@@ -89,6 +91,9 @@ def test_a_two_worker_checkpoint_resumes_on_another_number_of_workers(two_worker
     config = job_config(shards, tmp / f"resume{workers}", steps=10, cluster={"workers": workers})
     resumed = train(config, resume=first.checkpoint)
     assert resumed.metrics["step"] == 10
+    tags = client(resumed.tracking_uri).get_run(resumed.run_id).data.tags  # its lineage
+    assert tags[RESUMED_FROM] == str(first.checkpoint.absolute())
+    assert tags[RESUMED_FROM_RUN] == first.run_id
     assert history(resumed, "train/resumed_at_step") == [(7, 6.0)]
     assert history(resumed, "train/workers") == [(7, float(workers))]
     steps = [step for step, _ in history(resumed, "train/reverse/loss")]
@@ -136,6 +141,47 @@ def test_killed_worker_restarts_from_the_last_checkpoint_and_counts_no_step_twic
     assert all_steps == list(range(1, 41))  # every step once, none lost
 
 
+def test_a_worker_killed_with_no_restarts_left_names_the_latest_checkpoint(
+    ray_local, shards, tmp_path, monkeypatch
+):
+    config = job_config(
+        shards,
+        tmp_path,
+        steps=400,
+        train={"checkpoint_every": 10, "log_every": 10, "eval_every": 1000},
+        cluster={"max_failures": 0},
+    )
+    killer = threading.Thread(target=kill_a_worker_after_step, args=(config, 10), daemon=True)
+    killer.start()
+    with pytest.raises(TrainingFailed) as caught:
+        train(config)
+    failed = caught.value
+    assert failed.checkpoint is not None and failed.checkpoint.name.startswith("checkpoint_")
+    verify_checkpoint(failed.checkpoint)  # whole: it can be resumed from
+    assert (
+        f"training failed after 0 restart(s) (cluster.max_failures); latest checkpoint {failed.checkpoint}"
+        == str(failed)
+    )
+    assert failed.__cause__ is not None  # what Ray Train raised, for the log
+    from mmcli.main import _resume_hint
+
+    sys.argv = ["mm", "train", "cfg.yaml", "-o", "train.steps=400"]
+    assert _resume_hint(failed).endswith(
+        f"continue with: mm train cfg.yaml -o train.steps=400 --resume {failed.checkpoint}"
+    )
+
+
+def kill_a_worker_after_step(config, step: int) -> None:
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if committed_steps(config) >= step:
+            workers = processes_named("RayTrainWorker")
+            if workers:
+                os.kill(workers[-1], signal.SIGKILL)
+                return
+        time.sleep(0.2)
+
+
 # ------------------------------------------------------------------------- caught before training
 
 
@@ -156,6 +202,37 @@ def test_bad_inputs_are_caught_before_any_worker_starts(ray_local, shards, tmp_p
     (other / "vocab.model").write_bytes((shards / "vocab.model").read_bytes())
     with pytest.raises(ShardError, match="shards were made with vocabulary"):
         train(job_config(other, tmp_path))
+
+
+def test_a_task_without_a_dev_split_is_refused_before_training(ray_local, tmp_path):
+    shards = tmp_path / "shards"
+    write_shards(shards)
+    shutil.rmtree(shards / "reverse" / "dev")  # e.g. its held-out split was named `val`
+    with pytest.raises(ShardError, match="task 'reverse' has no 'dev' split to evaluate on"):
+        train(job_config(shards, tmp_path))
+
+
+def test_resuming_from_a_cut_checkpoint_is_refused_before_any_ray_work(two_worker_run, shards, tmp_path):
+    copy = tmp_path / "cut"
+    shutil.copytree(two_worker_run[0].checkpoint, copy)
+    expert = copy / "experts" / "expert-002.pt"
+    expert.write_bytes(expert.read_bytes()[:100])
+    started = time.monotonic()
+    with pytest.raises(CheckpointError, match=r"expert-002\.pt: sha256 does not match"):
+        train(job_config(shards, tmp_path), resume=copy)
+    assert time.monotonic() - started < 10  # refused by the driver, no worker started
+
+
+def test_mm_evaluate_on_a_split_that_does_not_exist_is_an_error_not_a_perfect_score(
+    two_worker_run, shards, capsys
+):
+    from mmcli.main import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["evaluate", str(two_worker_run[0].checkpoint), "--shards", str(shards), "--split", "nosuch"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "split 'nosuch' does not exist" in err and "splits there: dev, test, train" in err
 
 
 def test_report_of_a_run_has_metrics_beside_chance_curves_and_expert_routing(

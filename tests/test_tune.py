@@ -145,6 +145,7 @@ def png_base64(label: int) -> str:
 
 
 def test_registered_model_loads_back_with_pyfunc_and_predicts(swept):
+    import mlflow.artifacts
     import mlflow.pyfunc
 
     result, _ = swept
@@ -154,6 +155,10 @@ def test_registered_model_loads_back_with_pyfunc_and_predicts(swept):
         [{"task": "reverse", "input": "red cat runs"}, {"task": "patches", "input": png_base64(2)}]
     )
     predictions = model.predict(rows)
+    local = Path(mlflow.artifacts.download_artifacts("models:/tiny-mm@champion"))
+    files = {p.name for p in local.rglob("*")}
+    assert "python_model.pkl" not in files and not [f for f in files if f.endswith((".pkl", ".cloudpickle"))]
+    assert "pyfunc_model.py" in files  # the code, as source
     assert len(predictions) == 2
     assert all(isinstance(p, str) for p in predictions)
     assert predictions[1] in {"0", "1", "2", "3"}  # a class name of the image task

@@ -1,10 +1,11 @@
 """The MLflow model registry: the best trial's model as a pyfunc, and the `champion` alias.
 
 The registered model is an MLflow pyfunc whose artifact is the checkpoint directory (tensors,
-config, vocabulary, tasks.json) and whose code is this package (`tune.registry.MultiModelPyfunc`,
-so it loads where multimodel is installed: `mlflow models serve --env-manager local`). It takes
-rows of `{task, input}` — text, or an image / audio file base64-encoded — and returns one
-prediction per row: the class name or the decoded text.
+config, vocabulary, tasks.json), logged as "models from code": its code is the source file
+`tune/pyfunc_model.py`, not a pickled object, so loading a registered model unpickles nothing.
+It loads where multimodel is installed (`mlflow models serve --env-manager local`), takes rows
+of `{task, input}` — text, or an image / audio file base64-encoded — and returns one prediction
+per row: the class name or the decoded text.
 
 Promotion: the new version and the current champion are scored on the same dev sets (the
 shards of this config, `train.eval_examples` rows of each task) with the sweep's aggregate
@@ -27,17 +28,7 @@ from mm.config import Config
 CHAMPION, CHALLENGER = "champion", "challenger"
 
 
-class MultiModelPyfunc(mlflow.pyfunc.PythonModel):
-    def load_context(self, context) -> None:
-        from tune.predictor import Predictor
-
-        self.predictor = Predictor(context.artifacts["checkpoint"])
-
-    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
-        records = (
-            model_input.to_dict(orient="records") if hasattr(model_input, "to_dict") else list(model_input)
-        )
-        return [self.predictor.predict(str(row["task"]), row["input"]) for row in records]
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 
 
 def signature_and_example(config: Config):
@@ -58,7 +49,7 @@ def log_pyfunc(config: Config, tracking_uri: str, run_id: str, checkpoint: str |
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=MultiModelPyfunc(),
+            python_model=str(PYFUNC_CODE),  # models from code: no pickle in the model
             artifacts={"checkpoint": str(checkpoint)},
             signature=signature,
             input_example=example,

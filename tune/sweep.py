@@ -28,6 +28,7 @@ from typing import Any
 from cluster.data import check_shards, load_manifests
 from cluster.job import connect, train
 from cluster.tracking import client, experiment_id, resolve_tracking_uri, start_run
+from mm.checkpoint import write_file
 from mm.config import Config, parse_config
 from mm.shards import VOCAB
 from mm.vocab import Vocabulary
@@ -143,7 +144,7 @@ def _run_in_segments(config: Config, name: str, parent_run_id: str) -> None:
         result = train(config, resume=resume, run_name=name, parent_run_id=parent_run_id, run_id=run_id)
         run_id, step = result.run_id, config.train.steps
         state = {"step": step, "trial": name, "run_id": run_id, "schedule": schedule}
-        Path(result.checkpoint, SEGMENT).write_text(json.dumps(state, indent=1))
+        write_file(Path(result.checkpoint, SEGMENT), json.dumps(state, indent=1).encode())
         client(result.tracking_uri).log_dict(run_id, {"schedule": schedule}, "mixing_schedule.json")
         metrics = {**result.metrics, "checkpoint_path": str(result.checkpoint)}
         checkpoint = tune.Checkpoint.from_directory(str(result.checkpoint))
