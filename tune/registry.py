@@ -93,8 +93,8 @@ def register_and_promote(
     if champion is None:
         alias, reason = CHAMPION, "first registered version"
     else:
-        previous = resolve_checkpoint(f"models:/{name}/{champion.version}", tracking_uri)
-        champion_score, _ = checkpoint_score(config, previous)
+        with checkpoint_from(f"models:/{name}/{champion.version}", tracking_uri) as previous:
+            champion_score, _ = checkpoint_score(config, previous)
         if score > champion_score:
             alias = CHAMPION
             reason = f"aggregate {score:.4f} beats champion v{champion.version}'s {champion_score:.4f}"
