@@ -152,3 +152,27 @@ def test_the_lock_pins_torch_and_torchaudio_as_the_pair_pyproject_names():
     for name in ("torch", "torchaudio"):
         assert f'"{name}=={lock[name]}"' in pyproject, name
     assert lock["torch"].split(".")[:2] == lock["torchaudio"].split(".")[:2]
+
+
+def test_a_lock_that_no_longer_matches_pyproject_stops_make_naming_the_command(tmp_path):
+    """`make check-lock` (run by `make test`, so by CI) on a copy whose pyproject.toml gained a
+    dependency that uv.lock lacks."""
+    import shutil
+    import subprocess
+
+    repo = LOCK.parent
+    uv = repo / ".uv" / "bin" / "uv"
+    if not uv.exists():
+        pytest.skip("uv is installed by `make venv` into .uv/")
+    for name in ("pyproject.toml", "uv.lock", "README.md", "uv-bootstrap.txt"):
+        shutil.copy2(repo / name, tmp_path / name)  # mtimes kept: make must not reinstall uv
+    make = ["make", "-s", "-f", str(repo / "Makefile"), "check-lock", f"UV_HOME={repo / '.uv'}"]
+    assert subprocess.run(make, cwd=tmp_path, capture_output=True, text=True).returncode == 0
+
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text(
+        pyproject.read_text().replace('    "optuna>=3.6",\n', '    "optuna>=3.6",\n    "six",\n')
+    )
+    result = subprocess.run(make, cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "uv.lock does not match pyproject.toml: run 'make lock' and commit uv.lock" in result.stderr

@@ -106,27 +106,9 @@ def test_a_two_worker_checkpoint_resumes_on_another_number_of_workers(two_worker
 def test_killed_worker_restarts_from_the_last_checkpoint_and_counts_no_step_twice(
     ray_local, shards, tmp_path
 ):
-    config = job_config(
-        shards,
-        tmp_path,
-        steps=40,
-        train={"checkpoint_every": 10, "log_every": 10, "eval_every": 1000},
-        cluster={"max_failures": 2},
-    )
+    config = kill_test_config(shards, tmp_path, steps=40, max_failures=2)
     killed: list[int] = []
-
-    def kill_a_worker_once_a_checkpoint_is_committed():
-        """Rank 0 logs a step's metrics once the checkpoint covering it is registered."""
-        deadline = time.time() + 240
-        while time.time() < deadline and not killed:
-            if committed_steps(config) >= 10:
-                workers = processes_named("RayTrainWorker")
-                if workers:
-                    os.kill(workers[-1], signal.SIGKILL)
-                    killed.append(workers[-1])
-            time.sleep(0.2)
-
-    killer = threading.Thread(target=kill_a_worker_once_a_checkpoint_is_committed, daemon=True)
+    killer = threading.Thread(target=kill_a_worker_after_step, args=(config, 10, killed), daemon=True)
     killer.start()
     result = train(config)
     killer.join(timeout=1)
@@ -144,14 +126,8 @@ def test_killed_worker_restarts_from_the_last_checkpoint_and_counts_no_step_twic
 def test_a_worker_killed_with_no_restarts_left_names_the_latest_checkpoint(
     ray_local, shards, tmp_path, monkeypatch
 ):
-    config = job_config(
-        shards,
-        tmp_path,
-        steps=400,
-        train={"checkpoint_every": 10, "log_every": 10, "eval_every": 1000},
-        cluster={"max_failures": 0},
-    )
-    killer = threading.Thread(target=kill_a_worker_after_step, args=(config, 10), daemon=True)
+    config = kill_test_config(shards, tmp_path, steps=400, max_failures=0)
+    killer = threading.Thread(target=kill_a_worker_after_step, args=(config, 10, []), daemon=True)
     killer.start()
     with pytest.raises(TrainingFailed) as caught:
         train(config)
@@ -171,13 +147,21 @@ def test_a_worker_killed_with_no_restarts_left_names_the_latest_checkpoint(
     )
 
 
-def kill_a_worker_after_step(config, step: int) -> None:
+def kill_test_config(shards: Path, tmp: Path, steps: int, max_failures: int):
+    train = {"checkpoint_every": 10, "log_every": 10, "eval_every": 1000}
+    return job_config(shards, tmp, steps=steps, train=train, cluster={"max_failures": max_failures})
+
+
+def kill_a_worker_after_step(config, step: int, killed: list[int]) -> None:
+    """SIGKILL one Ray Train worker once rank 0 has logged `step` (it logs a step's metrics once
+    the checkpoint covering it is registered); the pid goes into `killed`."""
     deadline = time.time() + 240
     while time.time() < deadline:
         if committed_steps(config) >= step:
             workers = processes_named("RayTrainWorker")
             if workers:
                 os.kill(workers[-1], signal.SIGKILL)
+                killed.append(workers[-1])
                 return
         time.sleep(0.2)
 
