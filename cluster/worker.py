@@ -22,9 +22,9 @@ from cluster.tracking import MetricsBuffer
 from mm.build import task_specs
 from mm.checkpoint import load_checkpoint, save_checkpoint
 from mm.config import Config, parse_config
-from mm.evaluate import evaluate_task
+from mm.evaluate import decoding_constraint, evaluate_task
 from mm.metrics import aggregate_score, scores_by_task
-from mm.model import MultiModel
+from mm.model import MultiModel, matmul_peak_gflops
 from mm.parallel import DataExpertParallel, SingleProcess
 from mm.shards import Manifest
 from mm.train import StepLog, Trainer, fit
@@ -127,6 +127,8 @@ class _Run:
         self.last_loss: dict[str, float] = {}
         self.window: list[StepLog] = []
         self.step_seconds: list[float] = []
+        self.step_flops: list[float] = []
+        self.peak_gflops: float | None = None  # one worker's matmul peak, measured once
         self.first_step_at: float | None = None  # when this attempt's first step began
         self.routing: dict[str, list[list[int]]] = {}
         self.dev = self._evaluation_sets()
@@ -146,6 +148,7 @@ class _Run:
         if self.first_step_at is None:
             self.first_step_at = time.time() - log.seconds
         self.step_seconds.append(log.seconds)
+        self.step_flops.append(log.flops)
         self.last_loss[log.task] = log.loss
         self.window.append(log)
         self._count_routing(log)
@@ -194,6 +197,7 @@ class _Run:
                 detokenize=self.vocab.decode,
                 max_len=task.max_target_length,
                 parallel=self.trainer.parallel,
+                constraint=decoding_constraint(task, self.vocab.pieces),
             )
             scores.update({f"eval/{name}/{metric}": value for metric, value in result.items()})
         if self.metrics is not None:
@@ -248,10 +252,20 @@ class _Run:
         return {"objective": aggregate_score(scores, primary, self.config.tune.reference)}
 
     def _timing(self) -> dict[str, float]:
-        """Steady-state step time (the first steps warm up) and when the first step began."""
+        """Steady-state step time (the first steps warm up), when the first step began, and the
+        FLOP/s of this attempt's steps over all workers beside their matmul peak (MFU)."""
         steady = self.step_seconds[len(self.step_seconds) // 5 :] or self.step_seconds
         median = float(np.median(steady))
-        return {"perf/step_seconds": median, "perf/first_step_at": self.first_step_at or 0.0}
+        if self.peak_gflops is None:  # every rank at once, as they share the machine when training
+            dtype = torch.bfloat16 if self.config.train.precision == "bf16" else torch.float32
+            self.peak_gflops = matmul_peak_gflops(dtype, self.trainer.device.type)
+        gflops = sum(self.step_flops) * self.world / max(sum(self.step_seconds), 1e-9) / 1e9
+        return {
+            "perf/step_seconds": median,
+            "perf/first_step_at": self.first_step_at or 0.0,
+            "perf/train_gflops": gflops,
+            "perf/mfu": gflops / (self.peak_gflops * self.world),
+        }
 
     def finish(self) -> None:
         if self.metrics is not None:

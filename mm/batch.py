@@ -15,6 +15,7 @@ from torch import Tensor
 
 PAD, EOS, UNK = 0, 1, 2
 FIRST_COMMAND_ID = 3  # one reserved id per command token from here on
+LOG_MEL_FLOOR = 1e-6  # log-mel features are log(mel + floor): silence is log(floor)
 
 
 @dataclass

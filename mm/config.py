@@ -76,6 +76,9 @@ class ModelConfig(Section):
     # clips (the starter suite's) learn faster at 4
     audio_downsampling: Literal[2, 4, 8, 16] = 16
     label_smoothing: float = Field(0.1, ge=0, lt=1)
+    # Speech: weight of an auxiliary CTC loss on the encoder's output (hybrid CTC/attention, as
+    # ESPnet), which helps the attention find its alignment on little data. 0: the paper's model.
+    ctc_weight: float = Field(0.0, ge=0)
     tie_embeddings: bool = False
     moe: MoEConfig = MoEConfig()
     # Ablations (the paper's Table 4): leave the MoE layers out, or the decoder's attention
@@ -163,6 +166,8 @@ class TaskConfig(Section):
     max_input_length: int = Field(256, ge=1)
     max_target_length: int = Field(128, ge=2)
     mix_weight: float | None = Field(None, ge=0, description="explicit mixing ratio")
+    # parsing: decode only well-formed trees with one leaf per input word (mm.decoding)
+    constrained_decoding: bool = True
 
     @field_validator("kind")
     @classmethod

@@ -4,6 +4,10 @@ Class tasks: top-1 and top-5 accuracy. Text tasks: log-perplexity and per-token 
 teacher forcing, then the task's own metric (BLEU, WER, bracket F1 / exact match) on decoded
 outputs, against the raw reference text when the batch carries it.
 
+`blind=True` scores the same model with every input blanked (a black image, silence, an empty
+source sentence): what it reaches from the targets' statistics alone, the floor a model that
+uses its input must clear.
+
 With several ranks each scores its own examples (every rank the same number of batches: the
 MoE layers exchange tokens at every forward); sums and decoded outputs are combined over the
 ranks, so every rank returns the corpus-level scores.
@@ -11,17 +15,21 @@ ranks, so every rank returns the corpus-level scores.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
 from mm import metrics as M
-from mm.batch import EOS, Batch
+from mm.batch import EOS, LOG_MEL_FLOOR, Batch
+from mm.config import TaskConfig
+from mm.decoding import Constraint, TreeConstraint
 from mm.model import MultiModel
 from mm.parallel import Parallel, SingleProcess
 
-DECODED_METRICS = {"bleu", "wer", "bracket_f1", "exact_match"}
+DECODED_METRICS = {"bleu", "wer", "bracket_f1", "exact_match", "well_formed"}
 
 Detokenize = Callable[[list[int]], str]
 
@@ -40,16 +48,42 @@ def evaluate_task(
     max_len: int = 64,
     beam: int = 1,
     parallel: Parallel | None = None,
+    constraint: Constraint | None = None,
+    blind: bool = False,
 ) -> dict[str, float]:
     parallel = parallel or SingleProcess()
+    if blind:
+        batches = [blank_inputs(b, model.tasks[task].input_modality) for b in batches]
     was_training = model.training
     model.eval()
     try:
         if model.tasks[task].output_modality == "class":
             return _score_classes(model, task, batches, metric_names, parallel)
-        return _score_text(model, task, batches, metric_names, detokenize, max_len, beam, parallel)
+        return _score_text(
+            model, task, batches, metric_names, detokenize, max_len, beam, parallel, constraint
+        )
     finally:
         model.train(was_training)
+
+
+def decoding_constraint(task: TaskConfig, pieces: list[str]) -> Constraint | None:
+    """The constraint a task's outputs decode under: parse trees are kept well formed, with one
+    leaf per input word, when the vocabulary has whole tree pieces and the task asks for it."""
+    if task.kind == "constituency_parsing" and task.constrained_decoding and TreeConstraint.usable(pieces):
+        return TreeConstraint(pieces, EOS)
+    return None
+
+
+def blank_inputs(batch: Batch, modality: str) -> Batch:
+    """The batch with its inputs blanked and its targets kept: black images, silent audio of the
+    same length, text reduced to its end-of-sentence token."""
+    if modality == "image":
+        return replace(batch, inputs=batch.inputs.new_zeros(batch.inputs.shape))
+    if modality == "audio":
+        silence = math.log(LOG_MEL_FLOOR)  # what silence gives after log(mel + floor)
+        return replace(batch, inputs=batch.inputs.new_full(batch.inputs.shape, silence))
+    empty = batch.inputs.new_zeros(len(batch), 1).fill_(EOS)
+    return replace(batch, inputs=empty)
 
 
 def _score_classes(
@@ -76,7 +110,9 @@ def _require_examples(task: str, count: float) -> None:
         raise NothingToScore(f"task {task!r}: no examples to score (an empty or missing split?)")
 
 
-def _score_text(model, task, batches, metric_names, detokenize, max_len, beam, parallel) -> dict[str, float]:
+def _score_text(
+    model, task, batches, metric_names, detokenize, max_len, beam, parallel, constraint
+) -> dict[str, float]:
     nll = correct = tokens = 0.0
     hypotheses: list[str] = []
     references: list = []
@@ -91,7 +127,9 @@ def _score_text(model, task, batches, metric_names, detokenize, max_len, beam, p
         correct += float(((logits.argmax(-1) == targets) & real).sum())
         tokens += float(real.sum())
         if decode:
-            outputs = model.generate(batch, max_len=max_len, beam=beam, all_done=parallel.all_done)
+            outputs = model.generate(
+                batch, max_len=max_len, beam=beam, all_done=parallel.all_done, constraint=constraint
+            )
             hypotheses += [detokenize(ids) for ids in outputs]
             references += batch.references or [detokenize(_strip(row)) for row in targets.tolist()]
     nll, correct, tokens = parallel.sum([nll, correct, tokens])
@@ -111,7 +149,7 @@ def _decoded_scores(hypotheses: list[str], references: list, metric_names: list[
         scores["bleu"] = M.bleu(hypotheses, references)
     if "wer" in metric_names:
         scores["wer"] = M.wer(hypotheses, first)
-    if {"bracket_f1", "exact_match"} & set(metric_names):
+    if {"bracket_f1", "exact_match", "well_formed"} & set(metric_names):
         scores.update(M.bracket_scores(hypotheses, first))
     return scores
 

@@ -13,6 +13,8 @@ from functools import lru_cache
 import torch
 import torchaudio
 
+from mm.batch import LOG_MEL_FLOOR
+
 
 @lru_cache(maxsize=8)
 def _mel(
@@ -42,4 +44,4 @@ def log_mel(
         waveform = torchaudio.functional.resample(waveform, source_rate, sample_rate)
     with torch.no_grad():
         mel = _mel(sample_rate, bins, float(window_ms), float(hop_ms))(waveform)
-    return torch.log(mel + 1e-6).T.contiguous().half()
+    return torch.log(mel + LOG_MEL_FLOOR).T.contiguous().half()

@@ -73,20 +73,41 @@ class SeparableConv(nn.Module):
         self.depthwise = conv(c_in, c_in, kernel, stride, pad, dilation, groups=c_in, bias=False)
         self.pointwise = conv(c_in, c_out, 1)
 
-    def forward(self, x: Tensor, cache: dict[str, Any] | None = None) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
+        """Channels-first [B, C, *spatial] (the modality nets)."""
         if self.causal:
-            x = self._left_context(x, cache)
+            x = F.pad(x, (self.reach, 0))
         return self.pointwise(self.depthwise(x))
 
+    def forward_channels_last(self, x: Tensor, cache: dict[str, Any] | None = None) -> Tensor:
+        """1-D, channels-last [B, T, C] (the body), stride 1, the same weights as `forward`.
+
+        The depthwise kernel is applied as one multiply-add per tap on shifted views: at the
+        body's small widths this is about twice as fast (forward and backward) on CPU as a
+        grouped convolution with the transposes around it, and it needs no transposes at all.
+        """
+        if self.causal:
+            x = self._left_context(x, cache)
+        elif self.reach:
+            x = F.pad(x, (0, 0, self.reach // 2, self.reach // 2))
+        length = x.shape[1] - self.reach
+        weight = self.depthwise.weight[:, 0, :]  # [C, kernel]
+        dilation = self.depthwise.dilation[0]
+        h = x[:, :length] * weight[:, 0]
+        for tap in range(1, weight.shape[1]):
+            h = h + x[:, tap * dilation : tap * dilation + length] * weight[:, tap]
+        return F.linear(h, self.pointwise.weight[:, :, 0], self.pointwise.bias)
+
     def _left_context(self, x: Tensor, cache: dict[str, Any] | None) -> Tensor:
+        """[B, T, C] with the `reach` positions before it: zeros, or the cached past."""
         if self.reach == 0:
             return x
         past = None if cache is None else cache.get("past")
         if past is None:
-            past = x.new_zeros(*x.shape[:-1], self.reach)
-        x = torch.cat([past, x], dim=-1)
+            past = x.new_zeros(x.shape[0], self.reach, x.shape[2])
+        x = torch.cat([past, x], dim=1)
         if cache is not None:
-            cache["past"] = x[..., -self.reach :]
+            cache["past"] = x[:, -self.reach :]
         return x
 
 
@@ -99,9 +120,8 @@ class ConvStep(nn.Module):
         self.norm = nn.LayerNorm(d)
 
     def forward(self, x: Tensor, mask: Tensor | None, state: DecodeState | None = None) -> Tensor:
-        h = masked(F.relu(x), mask).transpose(1, 2)
-        h = self.conv(h, None if state is None else state.cache(self)).transpose(1, 2)
-        return self.norm(h)
+        h = masked(F.relu(x), mask)
+        return self.norm(self.conv.forward_channels_last(h, None if state is None else state.cache(self)))
 
 
 class ConvBlock(nn.Module):

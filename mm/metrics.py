@@ -127,20 +127,57 @@ def labeled_spans(tree: str) -> Counter[tuple[str, int, int]]:
     return spans
 
 
+def well_formed(tree: str) -> bool:
+    """One tree whose brackets balance, whose labelled closers match their openers, and whose
+    every bracket holds something."""
+    open_labels: list[str] = []
+    filled: list[bool] = []
+    roots = 0
+    for token in tree_tokens(tree):
+        if token.startswith("(") and len(token) > 1:
+            if not open_labels:
+                roots += 1
+            if filled:
+                filled[-1] = True
+            open_labels.append(token[1:])
+            filled.append(False)
+        elif token.startswith(")"):
+            if not open_labels or not filled[-1] or token[1:] not in ("", open_labels[-1]):
+                return False
+            open_labels.pop()
+            filled.pop()
+        elif not open_labels:
+            return False  # a leaf outside the tree
+        else:
+            filled[-1] = True
+    return roots == 1 and not open_labels
+
+
+def leaf_count(tree: str) -> int:
+    return sum(1 for t in tree_tokens(tree) if not t.startswith(("(", ")")))
+
+
 def bracket_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """Labeled bracket F1 over the corpus (evalb-style, XX preterminals ignored) and the share
-    of trees matched exactly."""
-    matched = predicted = gold = exact = 0
+    """Labeled bracket F1 over the corpus (evalb-style, XX preterminals ignored), the share of
+    trees matched exactly, and the share of output trees that are well formed and have as many
+    leaves as their reference (the input's word count): all in percent."""
+    matched = predicted = gold = exact = shaped = 0
     for hyp, ref in zip(hypotheses, references):
         hyp_spans, ref_spans = labeled_spans(hyp), labeled_spans(ref)
         matched += sum((hyp_spans & ref_spans).values())
         predicted += sum(hyp_spans.values())
         gold += sum(ref_spans.values())
         exact += tree_tokens(hyp) == tree_tokens(ref)
+        shaped += well_formed(hyp) and leaf_count(hyp) == leaf_count(ref)
     precision = matched / predicted if predicted else 0.0
     recall = matched / gold if gold else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"bracket_f1": 100 * f1, "exact_match": 100 * exact / max(len(references), 1)}
+    count = max(len(references), 1)
+    return {
+        "bracket_f1": 100 * f1,
+        "exact_match": 100 * exact / count,
+        "well_formed": 100 * shaped / count,
+    }
 
 
 def perplexity_metrics(logits: Tensor, targets: Tensor) -> dict[str, float]:
@@ -159,6 +196,7 @@ METRIC_RANGES = {
     "wer": (1.0, 0.0),
     "bracket_f1": (0.0, 100.0),
     "exact_match": (0.0, 100.0),
+    "well_formed": (0.0, 100.0),
     "token_accuracy": (0.0, 1.0),
 }
 
@@ -176,6 +214,17 @@ def normalized(metric: str, value: float, reference: float | None = None) -> flo
         return reference / value if value else 0.0
     worst, best = METRIC_RANGES[metric]
     return (value - worst) / (best - worst)
+
+
+# "Learned" means beating both floors, chance and input-blind, by this much of the metric's
+# range: 0.02 accuracy, 2 BLEU or bracket-F1 points, 0.02 WER.
+LEARNED_MARGIN = 0.02
+
+
+def learned(metric: str, value: float, *floors: float | None) -> bool:
+    """Whether `value` clears every floor (chance, input-blind) by LEARNED_MARGIN."""
+    score = normalized(metric, value)
+    return all(floor is None or score - normalized(metric, floor) >= LEARNED_MARGIN for floor in floors)
 
 
 def scores_by_task(metrics: dict[str, float], prefix: str = "eval/") -> dict[str, dict[str, float]]:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from mm.batch import EOS, Batch
 from mm.config import ModelConfig
-from mm.decoding import AllDone, beam_search, greedy_search
+from mm.decoding import AllDone, Constraint, beam_search, greedy_search
 from mm.layers import AttentionBlock, ConvBlock, DecodeState
 from mm.modalities import AudioInput, ClassOutput, ImageInput, TextInput
 from mm.moe import MoE, MoEStats
@@ -172,6 +172,8 @@ class MultiModel(nn.Module):
         self.class_out = nn.ModuleDict(
             {t.name: ClassOutput(d, t.num_classes) for t in tasks if t.output_modality == "class"}
         )
+        # speech only: per-position token scores for the auxiliary CTC loss (training only)
+        self.ctc_out = nn.Linear(d, vocab_size) if config.ctc_weight > 0 and self.audio_in else None
 
     # --------------------------------------------------------------------------------- training
 
@@ -195,7 +197,18 @@ class MultiModel(nn.Module):
             aux = aux + dec_aux
             moe_stats += [dec_stats] if dec_stats is not None else []
         loss = task.loss_weight * task_loss + aux
+        if self.ctc_out is not None and task.input_modality == "audio":
+            loss = loss + self.config.ctc_weight * self.ctc_loss(encoded, mask, batch.targets)
         return Output(loss, {task.name: task_loss.detach()}, aux, logits, moe_stats)
+
+    def ctc_loss(self, encoded: Tensor, mask: Tensor, targets: Tensor) -> Tensor:
+        """CTC of the targets (EOS left out) over the encoder's positions, padding id 0 as the
+        blank. An utterance with fewer positions than it needs adds nothing (zero_infinity)."""
+        log_probs = self.ctc_out(encoded).float().log_softmax(-1).transpose(0, 1)  # [T, B, V]
+        target_lengths = ((targets != 0) & (targets != EOS)).sum(1)
+        return F.ctc_loss(
+            log_probs, targets, mask.sum(1), target_lengths, blank=0, reduction="mean", zero_infinity=True
+        )
 
     def encode(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor, MoEStats]:
         x, mask = self.embed_inputs(batch)
@@ -239,10 +252,12 @@ class MultiModel(nn.Module):
         beam: int = 1,
         incremental: bool = True,
         all_done: AllDone | None = None,
+        constraint: Constraint | None = None,
     ) -> list[list[int]]:
         """Token ids of each example's output, EOS excluded. `incremental=False` recomputes the
         whole prefix at every step instead of continuing from cached state (for comparison).
-        With experts on several ranks, `all_done` makes the ranks stop together."""
+        With experts on several ranks, `all_done` makes the ranks stop together. `constraint`
+        limits what may be generated (parse trees: `mm.decoding.TreeConstraint`)."""
         encoded, mask, _, _ = self.encode(batch)
         if beam > 1:
             encoded, mask = encoded.repeat_interleave(beam, 0), mask.repeat_interleave(beam, 0)
@@ -252,10 +267,12 @@ class MultiModel(nn.Module):
         def step(tokens: Tensor, state: DecodeState) -> Tensor:
             return decode_step(tokens, state, encoded, mask)
 
-        sync = {} if all_done is None else {"all_done": all_done}
+        options: dict = {} if all_done is None else {"all_done": all_done}
+        if constraint is not None:
+            options["constraint"] = constraint.start(batch.inputs, beam)
         if beam > 1:
-            return beam_search(step, DecodeState(), first, max_len, EOS, beam, **sync)
-        return greedy_search(step, DecodeState(), first, max_len, EOS, **sync)
+            return beam_search(step, DecodeState(), first, max_len, EOS, beam, **options)
+        return greedy_search(step, DecodeState(), first, max_len, EOS, **options)
 
     def _next_token(self, tokens: Tensor, state: DecodeState, source: Tensor, source_mask: Tensor) -> Tensor:
         new = tokens.unsqueeze(1)
@@ -287,7 +304,20 @@ def training_flops(model: MultiModel, batch: Batch) -> float:
     return counter.get_total_flops() / len(batch)
 
 
-def estimate_mfu(flops_per_example: float, examples_per_second: float, peak_flops: float) -> float:
-    """Model FLOPs utilisation: achieved FLOP/s over the hardware's peak (e.g. 989e12 for an
-    H100's dense bf16)."""
-    return flops_per_example * examples_per_second / peak_flops
+def matmul_peak_gflops(dtype: torch.dtype = torch.float32, device: str = "cpu", size: int = 2048) -> float:
+    """This process's GFLOP/s on a large square matmul, at its torch thread count: the peak
+    that MFU is measured against (the spec sheet's is rarely reached, and not on every CPU)."""
+    import statistics
+    import time
+
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+
+    def seconds() -> float:
+        started = time.perf_counter()
+        (a @ b).sum().item()  # .item() waits for a GPU too
+        return time.perf_counter() - started
+
+    for _ in range(3):
+        seconds()
+    return 2 * size**3 / statistics.median(seconds() for _ in range(7)) / 1e9

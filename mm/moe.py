@@ -209,7 +209,10 @@ def run_experts(experts: Experts, rows: Tensor, local_expert: Tensor, slot: Tens
     slots = int(slot.max()) + 1 if len(slot) else 1
     index = local_expert * slots + slot
     buffer = rows.new_zeros(experts.num * slots, rows.shape[-1]).index_copy(0, index, rows)
-    return experts(buffer.view(experts.num, slots, -1)).view(-1, rows.shape[-1])[index]
+    out = experts(buffer.view(experts.num, slots, -1)).view(-1, rows.shape[-1])[index]
+    # under autocast the batched matmuls return bf16: back to the rows' dtype, so that the
+    # combine's index_add (and the return trip of expert parallelism) sees one dtype
+    return out.to(rows.dtype)
 
 
 def dropped_count(load: Tensor, capacity: int) -> int:

@@ -45,7 +45,11 @@ register_kind(TaskKind("image_classification", "image", "class", ("accuracy", "t
 register_kind(TaskKind("translation", "text", "text", ("bleu", *TEXT_METRICS)))
 register_kind(TaskKind("image_captioning", "image", "text", ("bleu", *TEXT_METRICS)))
 register_kind(TaskKind("speech_recognition", "audio", "text", ("wer", *TEXT_METRICS)))
-register_kind(TaskKind("constituency_parsing", "text", "text", ("bracket_f1", "exact_match", *TEXT_METRICS)))
+register_kind(
+    TaskKind(
+        "constituency_parsing", "text", "text", ("bracket_f1", "exact_match", "well_formed", *TEXT_METRICS)
+    )
+)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from mm.batch import Batch
 from mm.config import Config, MixingConfig
@@ -98,6 +98,30 @@ class StepLog:
     seconds: float
     dropped_fraction: float
     expert_load: list[list[int]] = field(default_factory=list)  # per MoE layer, tokens per expert
+    flops: float = 0.0  # of this rank's forward and backward passes (see FlopTally)
+
+
+class FlopTally:
+    """The FLOPs of each training step, for MFU. A task's first `counted` steps are counted
+    exactly with FlopCounterMode (slower, so only a few); later steps are estimated from the
+    task's FLOPs per example so far times their examples."""
+
+    def __init__(self, counted: int = 3):
+        self.counted = counted
+        self.steps: dict[str, int] = {}
+        self.per_example: dict[str, tuple[float, int]] = {}  # task: (FLOPs, examples) counted
+
+    def counter(self, task: str) -> FlopCounterMode | None:
+        return FlopCounterMode(display=False) if self.steps.get(task, 0) < self.counted else None
+
+    def step_flops(self, task: str, examples: int, counter: FlopCounterMode | None) -> float:
+        self.steps[task] = self.steps.get(task, 0) + 1
+        if counter is not None:
+            flops, seen = self.per_example.get(task, (0.0, 0))
+            self.per_example[task] = (flops + counter.get_total_flops(), seen + examples)
+            return float(counter.get_total_flops())
+        flops, seen = self.per_example[task]
+        return flops / seen * examples
 
 
 class Trainer:
@@ -124,10 +148,12 @@ class Trainer:
         self.sampler = TaskSampler(config.task_names, train.mixing, config.seed, sizes, ratios)
         self.step = 0
         self.forward = torch.compile(model) if train.compile else model
+        self.flop_tally = FlopTally()
 
     def autocast(self):
-        if self.config.train.precision == "bf16" and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        """bf16 autocast on CPU (AMX, AVX512-BF16) as on CUDA; the weights stay fp32."""
+        if self.config.train.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
     def train_step(self, next_batch: Callable[[str], Batch]) -> StepLog:
@@ -137,17 +163,20 @@ class Trainer:
         accum = self.config.train.grad_accum
         task_loss = aux_loss = 0.0
         examples, stats = 0, []
-        for _ in range(accum):
-            batch = next_batch(task).to(self.device)
-            if batch.task != task:
-                raise ValueError(f"step {self.step}: asked for a {task!r} batch, got {batch.task!r}")
-            with self.autocast():
-                out = self.forward(batch)
-            (out.loss / accum).backward()
-            task_loss += float(out.task_losses[task]) / accum
-            aux_loss += float(out.aux_loss.detach()) / accum
-            examples += len(batch)
-            stats = out.moe
+        counter = self.flop_tally.counter(task)
+        with counter or nullcontext():
+            for _ in range(accum):
+                batch = next_batch(task).to(self.device)
+                if batch.task != task:
+                    raise ValueError(f"step {self.step}: asked for a {task!r} batch, got {batch.task!r}")
+                with self.autocast():
+                    out = self.forward(batch)
+                (out.loss / accum).backward()
+                task_loss += float(out.task_losses[task]) / accum
+                aux_loss += float(out.aux_loss.detach()) / accum
+                examples += len(batch)
+                stats = out.moe
+        flops = self.flop_tally.step_flops(task, examples, counter)
         self.parallel.sync_gradients(self.model)
         grad_norm = self.parallel.clip_grad_norm(self.model, self.config.train.grad_clip)
         lr = self.scheduler.get_last_lr()[0]
@@ -168,6 +197,7 @@ class Trainer:
             seconds=time.perf_counter() - started,
             dropped_fraction=sum(s.dropped for s in stats) / max(sum(s.assigned for s in stats), 1),
             expert_load=[s.load.tolist() for s in stats],
+            flops=flops,
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -208,7 +238,3 @@ def fit(
             metrics = evaluate(trainer.step)
         if save is not None and (trainer.step % train.checkpoint_every == 0 or last):
             save(trainer.step, metrics)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

@@ -46,6 +46,11 @@ class Vocabulary:
         return self.sp.get_piece_size()
 
     @property
+    def pieces(self) -> list[str]:
+        """Every id's piece, in id order."""
+        return [self.sp.id_to_piece(i) for i in range(self.size)]
+
+    @property
     def sha256(self) -> str:
         return hashlib.sha256(self.proto).hexdigest()
 
@@ -66,9 +71,12 @@ class Vocabulary:
         return self.sp.decode([i for i in ids if i >= FIRST_COMMAND_ID or i == UNK])
 
 
-def train_vocabulary(sentences: Iterable[str], size: int, command_tokens: list[str]) -> Vocabulary:
+def train_vocabulary(
+    sentences: Iterable[str], size: int, command_tokens: list[str], symbols: Iterable[str] = ()
+) -> Vocabulary:
     """Train on `sentences` (a sample of every task's text). The command tokens are
-    user-defined symbols, so they get ids 3, 4, ... and are never split."""
+    user-defined symbols, so they get ids 3, 4, ... and are never split; so are `symbols`
+    (whole pieces such as "▁(NP"), after them."""
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences),
@@ -80,7 +88,7 @@ def train_vocabulary(sentences: Iterable[str], size: int, command_tokens: list[s
         eos_id=EOS,
         unk_id=UNK,
         bos_id=-1,
-        user_defined_symbols=command_tokens,
+        user_defined_symbols=[*command_tokens, *symbols],
         hard_vocab_limit=False,  # a small corpus may not support `size` pieces
         num_threads=1,  # deterministic
         minloglevel=2,

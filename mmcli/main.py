@@ -95,20 +95,21 @@ def _tune(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from rich.console import Console
 
-    from mmcli.tables import task_metric_table
+    from mmcli.tables import floors_table, task_metric_table
     from tune.demo import run_demo
 
     console = Console()
-    result = run_demo(_load(args), address=args.address, log=lambda line: console.print(line, markup=False))
+    config = _load(args)
+    result = run_demo(config, address=args.address, log=lambda line: console.print(line, markup=False))
     flat = {
         f"test/{task}/{metric}": value
         for task, values in result.test.items()
         for metric, value in values.items()
     }
     console.print(task_metric_table(flat, "starter suite: test split", prefix="test/"))
-    chance = ", ".join(f"{task} {value:.3g}" for task, value in result.chance.items())
-    console.print(f"chance level of each task's first metric: {chance}")
-    console.print(f"report: {result.report}")
+    primary = {task.name: task.metrics[0] for task in config.tasks}
+    console.print(floors_table(primary, result.test, result.blind, result.chance, "test, beside its floors"))
+    console.print(f"report: {result.report} (and summary.json beside it)")
 
 
 def _experiment(args: argparse.Namespace) -> None:
@@ -145,18 +146,30 @@ def _tracking_uri(args: argparse.Namespace) -> str | None:
 def _evaluate(args: argparse.Namespace) -> None:
     from rich.console import Console
 
-    from mmcli.tables import task_metric_table
+    from cluster.data import read_rows
+    from mmcli.tables import floors_table, task_metric_table
     from tune.predictor import Predictor
     from tune.registry import checkpoint_from
+    from tune.report import chance_levels
 
     with checkpoint_from(args.model, _tracking_uri(args)) as checkpoint:  # a download is removed after
         predictor = Predictor(checkpoint, beam=args.beam)
         scores = predictor.evaluate(args.shards, args.split, args.examples)
+        blind = predictor.evaluate(args.shards, args.split, args.examples, blind=True)
     flat = {
         f"eval/{task}/{metric}": value for task, values in scores.items() for metric, value in values.items()
     }
+    config = predictor.config
+    limit = args.examples or config.train.eval_examples
+    shards = args.shards or config.data.shards
+    references = {t: list(read_rows(shards, t, args.split, limit)["references"]) for t in scores}
+    chance = chance_levels(config, list(predictor.records.values()), references)
+    primary = {task.name: task.metrics[0] for task in config.tasks}
     console = Console()
     console.print(task_metric_table(flat, f"{args.model} on {args.split}"))
+    console.print(
+        floors_table(primary, scores, blind, chance, "beside chance and input-blind (inputs blanked)")
+    )
     console.print(f"aggregate score: {predictor.aggregate(scores):.4f}")
 
 

@@ -43,7 +43,11 @@ def test_bracket_f1_on_hand_written_trees():
     precision, recall = 3 / 3, 3 / 4
     assert scores["bracket_f1"] == pytest.approx(100 * 2 * precision * recall / (precision + recall))
     assert scores["exact_match"] == 0.0
-    assert M.bracket_scores([gold], [gold]) == {"bracket_f1": 100.0, "exact_match": 100.0}
+    assert M.bracket_scores([gold], [gold]) == {
+        "bracket_f1": 100.0,
+        "exact_match": 100.0,
+        "well_formed": 100.0,
+    }
 
 
 def test_bracket_f1_ignores_preterminals_and_tolerates_malformed_output():

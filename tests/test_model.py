@@ -62,6 +62,19 @@ def test_separable_conv_is_depthwise_then_pointwise():
     assert conv(torch.randn(1, 8, 20)).shape == (1, 16, 20)
 
 
+@pytest.mark.parametrize("padding", ["same", "causal"])
+def test_the_channels_last_separable_conv_computes_the_grouped_convolution(padding):
+    conv = SeparableConv(8, 16, kernel=5, dilation=2, padding=padding)
+    x = torch.randn(3, 20, 8, requires_grad=True)
+    fast = conv.forward_channels_last(x)
+    reference = conv(x.transpose(1, 2)).transpose(1, 2)
+    torch.testing.assert_close(fast, reference)
+    grads = torch.autograd.grad(fast.square().sum(), [x, conv.depthwise.weight])
+    expected = torch.autograd.grad(reference.square().sum(), [x, conv.depthwise.weight])
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
+
+
 def test_every_task_kind_gives_a_loss_and_logits_of_its_output_space(model, tasks, data):
     for task in tasks.values():
         batch = data.batch(task, 3)
@@ -232,3 +245,20 @@ def test_ablated_models_leave_their_blocks_out_and_still_train_and_decode(tasks,
     assert all(p.grad is not None for p in body)
     model.eval()
     assert model.generate(batch, max_len=8) == model.generate(batch, max_len=8, incremental=False)
+
+
+def test_the_auxiliary_ctc_loss_trains_the_encoder_of_speech_only(tasks, data):
+    plain, hybrid = tiny_model(audio_downsampling=4), tiny_model(audio_downsampling=4, ctc_weight=0.5)
+    assert plain.ctc_out is None and hybrid.ctc_out is not None
+    speech = data.batch(tasks["speech_recognition"], 4)
+    hybrid.eval()  # no gating noise: the two forward passes agree
+    out = hybrid(speech)
+    ctc = hybrid.ctc_loss(*hybrid.encode(speech)[:2], speech.targets)
+    assert ctc > 0
+    torch.testing.assert_close(out.loss, out.task_losses["speech_recognition"] + out.aux_loss + 0.5 * ctc)
+    out.loss.backward()
+    assert hybrid.ctc_out.weight.grad.abs().sum() > 0
+    text = data.batch(tasks["translation"], 4)
+    hybrid.zero_grad()
+    hybrid(text).loss.backward()
+    assert hybrid.ctc_out.weight.grad is None or hybrid.ctc_out.weight.grad.abs().sum() == 0

@@ -3,6 +3,7 @@ parallelism, checkpoints, resuming on another number of workers, a killed worker
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -220,7 +221,7 @@ def test_mm_evaluate_on_a_split_that_does_not_exist_is_an_error_not_a_perfect_sc
     assert "splits there: dev, test, train" in err
 
 
-def test_report_of_a_run_has_metrics_beside_chance_curves_and_expert_routing(
+def test_report_of_a_run_has_metrics_beside_chance_and_input_blind_curves_routing_and_a_summary(
     two_worker_run, shards, tmp_path
 ):
     from cluster.data import read_rows
@@ -241,13 +242,39 @@ def test_report_of_a_run_has_metrics_beside_chance_curves_and_expert_routing(
     }
     chance = chance_levels(config, list(predictor.records.values()), references)
     assert chance == {"reverse": 0.0, "patches": 0.25}
+    blind = predictor.evaluate(config.data.shards, "dev", config.train.eval_examples, blind=True)
+    assert blind["reverse"]["log_ppl"] > again["reverse"]["log_ppl"]  # the input helps already
+    examples = {"reverse": predictor.decoded_examples("reverse", "dev", 2)}
+    assert [set(e) for e in examples["reverse"]] == [{"id", "input", "output", "reference"}] * 2
+    training = {
+        "seconds": 1.0,
+        "steps": config.train.steps,
+        "train_gflops": result.metrics["perf/train_gflops"],
+        "mfu": result.metrics["perf/mfu"],
+    }
+    assert training["train_gflops"] > 0 and 0 < training["mfu"] < 1
     report = write_report(
-        tmp_path / "report", config, result.tracking_uri, result.run_id, dev, again, chance, {}
+        tmp_path / "report",
+        config,
+        result.tracking_uri,
+        result.run_id,
+        dev,
+        again,
+        chance,
+        {},
+        blind=blind,
+        examples=examples,
+        training=training,
     )
     text = report.read_text()
     assert "| patches | accuracy |" in text and "| reverse | bleu |" in text
+    assert "input-blind" in text and "decoded dev examples" in text
     for image in ("learning_curves.png", "dev_metrics.png", "expert_routing.png"):
         assert (report.parent / image).stat().st_size > 1000
+    summary = json.loads((report.parent / "summary.json").read_text())
+    patches = summary["tasks"]["patches"]
+    assert patches["input_blind"] == blind["patches"]["accuracy"] and patches["chance"] == 0.25
+    assert patches["learned"] in (True, False) and summary["training"]["mfu"] == training["mfu"]
 
 
 def test_workers_min_max_maps_to_elastic_scaling(shards, tmp_path):

@@ -3,9 +3,11 @@
     1. build the starter suite's raw corpora from Debian packages (`mm starter`)
     2. prepare them into shards with Ray Data (`mm prepare`)
     3. train jointly on all six tasks: 2 Ray Train workers, experts sharded across them
-    4. evaluate the final model on the dev and test splits
+    4. evaluate the final model on the dev and test splits, and on the test split with its
+       inputs blanked (the input-blind score)
     5. register it in the local MLflow registry (alias `champion` if it beats the current one)
-    6. write a report: per-task metrics beside chance, learning curves, expert routing
+    6. write a report: per-task metrics beside chance and input-blind, decoded examples,
+       learning curves, expert routing; and summary.json
 
 Each step skips what is already done (an unchanged starter build, up-to-date shards).
 """
@@ -25,6 +27,7 @@ from mm.metrics import scores_by_task
 class DemoResult:
     dev: dict[str, dict[str, float]]
     test: dict[str, dict[str, float]]
+    blind: dict[str, dict[str, float]]
     chance: dict[str, float]
     report: Path
     registered: dict[str, Any]
@@ -71,6 +74,7 @@ def run_demo(config: Config, address: str | None = None, log=print) -> DemoResul
     predictor = Predictor(trained.checkpoint)
     dev = scores_by_task(trained.metrics)  # the training run's last evaluation
     test = timed("evaluate test", lambda: predictor.evaluate(split="test"))
+    blind = timed("evaluate input-blind", lambda: predictor.evaluate(split="test", blind=True))
     registered = timed(
         "register",
         lambda: register_and_promote(
@@ -87,6 +91,17 @@ def run_demo(config: Config, address: str | None = None, log=print) -> DemoResul
         for t in config.tasks
     }
     chance = chance_levels(config, predictor.records.values(), references)
+    examples = {
+        t.name: predictor.decoded_examples(t.name, "dev")
+        for t in config.tasks
+        if predictor.specs[t.name].output_modality == "text"
+    }
+    training = {
+        "seconds": seconds["train"],
+        "steps": config.train.steps,
+        "train_gflops": trained.metrics.get("perf/train_gflops"),
+        "mfu": trained.metrics.get("perf/mfu"),
+    }
     folder = Path("reports") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     report = write_report(
         folder.absolute(),
@@ -98,5 +113,10 @@ def run_demo(config: Config, address: str | None = None, log=print) -> DemoResul
         chance,
         seconds,
         registered,
+        blind,
+        examples,
+        training,
     )
-    return DemoResult(dev, test, chance, report, registered, trained.run_id, trained.tracking_uri, seconds)
+    return DemoResult(
+        dev, test, blind, chance, report, registered, trained.run_id, trained.tracking_uri, seconds
+    )

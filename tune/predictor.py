@@ -20,7 +20,7 @@ from cluster.data import evaluation_batches, read_rows
 from mm.batch import Batch, pad_sequences
 from mm.checkpoint import load_checkpoint, read_config, read_tasks, read_vocab
 from mm.config import Config, parse_config
-from mm.evaluate import evaluate_task
+from mm.evaluate import decoding_constraint, evaluate_task
 from mm.metrics import aggregate_score
 from mm.model import MultiModel
 from mm.tasks import TaskSpec
@@ -61,8 +61,12 @@ class Predictor:
             names = self.records[task].get("class_names")
             index = int(classes[0, 0])
             return names[index] if names else str(index)
-        max_len = self.config.task(task).max_target_length
-        return self.vocab.decode(self.model.generate(batch, max_len=max_len, beam=self.beam)[0])
+        config = self.config.task(task)
+        constraint = decoding_constraint(config, self.vocab.pieces)
+        outputs = self.model.generate(
+            batch, max_len=config.max_target_length, beam=self.beam, constraint=constraint
+        )
+        return self.vocab.decode(outputs[0])
 
     def batch(self, task: str, values: list[str | bytes], sources: list[str] | None = None) -> Batch:
         if task not in self.specs:
@@ -101,8 +105,15 @@ class Predictor:
 
     # ------------------------------------------------------------------------------- scoring
 
-    def evaluate(self, shards: str | Path | None = None, split: str = "dev", examples: int | None = None):
-        """{task: {metric: value}} on the first `examples` rows of `split` of each task."""
+    def evaluate(
+        self,
+        shards: str | Path | None = None,
+        split: str = "dev",
+        examples: int | None = None,
+        blind: bool = False,
+    ):
+        """{task: {metric: value}} on `examples` rows of `split` of each task; `blind`: with
+        every input blanked (the input-blind score)."""
         root = shards or self.config.data.shards
         limit = examples or self.config.train.eval_examples
         scores = {}
@@ -111,9 +122,42 @@ class Predictor:
             rows = read_rows(root, name, split, limit)
             batches = evaluation_batches(spec, rows, 0, 1, task.batch_size)
             scores[name] = evaluate_task(
-                self.model, name, batches, task.metrics, self.vocab.decode, task.max_target_length, self.beam
+                self.model,
+                name,
+                batches,
+                task.metrics,
+                self.vocab.decode,
+                task.max_target_length,
+                self.beam,
+                constraint=decoding_constraint(task, self.vocab.pieces),
+                blind=blind,
             )
         return scores
+
+    def decoded_examples(self, task: str, split: str = "dev", count: int = 3) -> list[dict[str, str]]:
+        """A few outputs of a text task beside their references: {id, input, output, reference}."""
+        spec, config = self.specs[task], self.config.task(task)
+        rows = read_rows(self.config.data.shards, task, split, count)
+        batch = evaluation_batches(spec, rows, 0, 1, count)[0]
+        outputs = self.model.generate(
+            batch,
+            max_len=config.max_target_length,
+            beam=self.beam,
+            constraint=decoding_constraint(config, self.vocab.pieces),
+        )
+        examples = []
+        for i, ids in enumerate(outputs):
+            reference = batch.references[i]
+            shown_input = self.vocab.decode(batch.inputs[i].tolist()) if spec.input_modality == "text" else ""
+            examples.append(
+                {
+                    "id": batch.ids[i],
+                    "input": shown_input or f"({spec.input_modality} {batch.ids[i]})",
+                    "output": self.vocab.decode(ids),
+                    "reference": reference if isinstance(reference, str) else reference[0],
+                }
+            )
+        return examples
 
     def aggregate(self, scores: dict[str, dict[str, float]]) -> float:
         primary = {task.name: task.metrics[0] for task in self.config.tasks}

@@ -1,6 +1,7 @@
 """A short report of a training run: a markdown page with each task's metrics beside its
-chance level, learning curves and a heat map of which experts each task routes to. Written to
-a folder and logged to the run in MLflow."""
+chance level and its input-blind score, decoded examples, learning curves and a heat map of
+which experts each task routes to; and `summary.json`, the same figures for machines. Written
+to a folder and logged to the run in MLflow."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 from cluster.tracking import client
 from mm.config import Config
-from mm.metrics import bracket_scores, higher_is_better, parse_tree
+from mm.metrics import LEARNED_MARGIN, bracket_scores, learned, parse_tree
 from tune.plots import eval_curves, learning_curves, routing_heatmap
 
 
@@ -37,10 +38,6 @@ def chance_levels(
     return levels
 
 
-def _beats(value: float, chance: float, metric: str) -> bool:
-    return value != chance and (value > chance) == higher_is_better(metric)
-
-
 def _leaves(tree: str) -> int:
     def count(node) -> int:
         return 1 if isinstance(node, str) else sum(count(child) for child in node.children)
@@ -63,8 +60,14 @@ def write_report(
     chance: dict[str, float],
     timings: dict[str, float],
     registered: dict[str, Any] | None = None,
+    blind: dict[str, dict[str, float]] | None = None,
+    examples: dict[str, list[dict[str, str]]] | None = None,
+    training: dict[str, float] | None = None,
 ) -> Path:
+    """`blind`: the test scores with every input blanked; `examples`: decoded dev examples per
+    text task; `training`: the run's seconds, steps, train_gflops and mfu."""
     folder.mkdir(parents=True, exist_ok=True)
+    blind, examples, training = blind or {}, examples or {}, training or {}
     primary = {task.name: task.metrics[0] for task in config.tasks}
     keys = [f"train/{t}/loss" for t in primary] + [f"eval/{t}/{m}" for t, m in primary.items()]
     history = metric_history(tracking_uri, run_id, keys)
@@ -81,16 +84,36 @@ def write_report(
         f"MLflow run `{run_id}` at `{tracking_uri}`; {config.train.steps} steps, {config.cluster.workers} "
         f"Ray Train workers, {config.model.moe.num_experts} experts (k={config.model.moe.k}).",
         "",
-        "| task | metric | dev | test | chance | better than chance (dev and test) |",
-        "| --- | --- | ---: | ---: | ---: | --- |",
+        f"Input-blind: the same model on the test split with every input blanked (a black image, "
+        f"silence, an empty sentence). Learned: the test score beats chance and input-blind by "
+        f"{LEARNED_MARGIN:.0%} of the metric's range.",
+        "",
+        "| task | metric | dev | test | chance | input-blind | learned |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
     ]
+    summary_tasks = {}
     for task, metric in primary.items():
         d, t, c = dev.get(task, {}).get(metric), test.get(task, {}).get(metric), chance.get(task)
-        if None in (d, t, c):
-            better = "-"
-        else:
-            better = "yes" if _beats(d, c, metric) and _beats(t, c, metric) else "no"
-        lines.append(f"| {task} | {metric} | {_fmt(d)} | {_fmt(t)} | {_fmt(c)} | {better} |")
+        b = blind.get(task, {}).get(metric)
+        verdict = "-" if None in (t, c, b) else ("yes" if learned(metric, t, c, b) else "no")
+        lines.append(f"| {task} | {metric} | {_fmt(d)} | {_fmt(t)} | {_fmt(c)} | {_fmt(b)} | {verdict} |")
+        summary_tasks[task] = {"metric": metric, "dev": d, "test": t, "chance": c, "input_blind": b}
+        summary_tasks[task]["learned"] = None if verdict == "-" else verdict == "yes"
+    shapes = {t: test[t]["well_formed"] for t in primary if "well_formed" in test.get(t, {})}
+    if shapes:
+        lines += [
+            "",
+            "Parse trees that are well formed and have one leaf per input word (test): "
+            + ", ".join(f"{task} {share:.1f} %" for task, share in shapes.items())
+            + ".",
+        ]
+    if training:
+        lines += [
+            "",
+            f"Training: {training.get('steps')} steps in {training.get('seconds', 0):.0f} s, "
+            f"{training.get('train_gflops', 0):.1f} GFLOP/s over all workers "
+            f"(MFU {training.get('mfu', 0):.1%} of the measured matmul peak).",
+        ]
     lines += [
         "",
         "Time per phase: "
@@ -102,6 +125,15 @@ def write_report(
             "",
             f"Registered `{registered['name']}` v{registered['version']} as `{registered['alias']}`.",
         ]
+    for task, rows in examples.items():
+        lines += [
+            "",
+            f"### {task}: decoded dev examples",
+            "",
+            "| input | output | reference |",
+            "| --- | --- | --- |",
+        ]
+        lines += [f"| {_cell(r['input'])} | {_cell(r['output'])} | {_cell(r['reference'])} |" for r in rows]
     lines += [
         "",
         "## Learning curves",
@@ -117,8 +149,15 @@ def write_report(
     ]
     report = folder / "report.md"
     report.write_text("\n".join(lines))
+    summary = {"run_id": run_id, "tasks": summary_tasks, "training": training, "timings": timings}
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     client(tracking_uri).log_artifacts(run_id, str(folder), "report")
     return report
+
+
+def _cell(text: str) -> str:
+    """Text for a markdown table cell."""
+    return text.replace("|", "\\|").replace("\n", " ") or " "
 
 
 def _fmt(value: float | None) -> str:
