@@ -8,7 +8,8 @@ timed run. The peak is this same process's median GFLOP/s on a 2048² matmul in 
 thread count, so the ratio holds on any machine. On a GPU (`--device cuda`) both run there.
 
 Prints one JSON line: the mixture's figures at the top level (steps drawn by the config's
-task sampler), each task's in `tasks`. Needs the starter shards (`make demo`, or
+task sampler), each task's in `tasks`. FlopCounterMode counts matmuls and convolutions, not
+elementwise work (the body's depthwise taps): compare code changes by `steps_per_s` too. Needs the starter shards (`make demo`, or
 `mm starter && mm prepare configs/starter.yaml`).
 """
 
@@ -39,8 +40,8 @@ def counted_flops(trainer: Trainer, batch) -> float:
     return counter.get_total_flops()
 
 
-def achieved_gflops(trainer: Trainer, batches: list, device: str) -> float:
-    """Real training steps on `batches` (the first two warm up), FLOPs over seconds."""
+def achieved_gflops(trainer: Trainer, batches: list, device: str) -> tuple[float, float]:
+    """Real training steps on `batches` (the first two warm up): GFLOP/s and steps/s."""
     queue = iter(batches)
     flops = [counted_flops(trainer, b) for b in batches]
     for _ in range(2):
@@ -50,7 +51,8 @@ def achieved_gflops(trainer: Trainer, batches: list, device: str) -> float:
         trainer.train_step(lambda task: next(queue))
     if device == "cuda":
         torch.cuda.synchronize()
-    return sum(flops[2:]) / (time.perf_counter() - started) / 1e9
+    seconds = time.perf_counter() - started
+    return sum(flops[2:]) / seconds / 1e9, len(batches[2:]) / seconds
 
 
 def main() -> None:
@@ -92,7 +94,7 @@ def main() -> None:
         trainer.sampler.task_at = sampler_task_at
     first = trainer.step
     mixture = [next(streams[trainer.sampler.task_at(first + i)]) for i in range(args.steps + 2)]
-    mixed = achieved_gflops(trainer, [b.to(args.device) for b in mixture], args.device)
+    mixed, steps_per_s = achieved_gflops(trainer, [b.to(args.device) for b in mixture], args.device)
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     peak = matmul_peak_gflops(dtype, args.device)
@@ -106,7 +108,11 @@ def main() -> None:
             "threads": args.threads,
             "device": args.device,
             "d_model": config.model.d_model,
-            "tasks": {name: {"gflops": g, "mfu": g / peak} for name, g in per_task.items()},
+            "steps_per_s": steps_per_s,
+            "tasks": {
+                name: {"gflops": g, "mfu": g / peak, "steps_per_s": rate}
+                for name, (g, rate) in per_task.items()
+            },
         }
     )
 
