@@ -121,7 +121,7 @@ def test_bf16_autocast_training_on_cpu_tracks_fp32(tasks):
         model = tiny_model()
         data = SyntheticData(0)
         trainer = Trainer(model, config)
-        logs = [trainer.train_step(lambda name, data=data: data.batch(tasks[name], 8)) for _ in range(12)]
+        logs = [trainer.train_step(lambda name, data=data: data.batch(tasks[name], 4)) for _ in range(12)]
         assert {p.dtype for p in model.parameters()} == {torch.float32}
         losses[precision] = [log.loss for log in logs]
         tasks_seen = {log.task for log in logs}
