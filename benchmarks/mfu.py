@@ -9,8 +9,8 @@ thread count, so the ratio holds on any machine. On a GPU (`--device cuda`) both
 
 Prints one JSON line: the mixture's figures at the top level (steps drawn by the config's
 task sampler), each task's in `tasks`. FlopCounterMode counts matmuls and convolutions, not
-elementwise work (the body's depthwise taps): compare code changes by `steps_per_s` too. Needs the starter shards (`make demo`, or
-`mm starter && mm prepare configs/starter.yaml`).
+elementwise work (the body's depthwise taps): compare code changes by `steps_per_s` too.
+Needs the starter shards (`make demo`, or `mm starter && mm prepare configs/starter.yaml`).
 """
 
 from __future__ import annotations
