@@ -20,30 +20,21 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import emit
 from cluster.data import load_manifests, parquet_stream
 from mm.build import task_specs
 from mm.config import load_config
-from mm.model import MultiModel, matmul_peak_gflops
+from mm.model import MultiModel, matmul_peak_gflops, training_flops
 from mm.shards import VOCAB, part_files
 from mm.train import Trainer
 from mm.vocab import Vocabulary
 
 
-def counted_flops(trainer: Trainer, batch) -> float:
-    counter = FlopCounterMode(display=False)
-    with counter, trainer.autocast():
-        trainer.model(batch).loss.backward()
-    trainer.model.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
-
-
 def achieved_gflops(trainer: Trainer, batches: list, device: str) -> tuple[float, float]:
     """Real training steps on `batches` (the first two warm up): GFLOP/s and steps/s."""
     queue = iter(batches)
-    flops = [counted_flops(trainer, b) for b in batches]
+    flops = [training_flops(trainer.model, b) * len(b) for b in batches]
     for _ in range(2):
         trainer.train_step(lambda task: next(queue))
     started = time.perf_counter()

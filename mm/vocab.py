@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 from collections.abc import Iterable
+from functools import cached_property
 from pathlib import Path
 
 import sentencepiece as spm
@@ -45,9 +46,9 @@ class Vocabulary:
     def size(self) -> int:
         return self.sp.get_piece_size()
 
-    @property
+    @cached_property
     def pieces(self) -> list[str]:
-        """Every id's piece, in id order."""
+        """Every id's piece, in id order (read once: every evaluation of a text task asks)."""
         return [self.sp.id_to_piece(i) for i in range(self.size)]
 
     @property

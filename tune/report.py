@@ -95,10 +95,17 @@ def write_report(
     for task, metric in primary.items():
         d, t, c = dev.get(task, {}).get(metric), test.get(task, {}).get(metric), chance.get(task)
         b = blind.get(task, {}).get(metric)
-        verdict = "-" if None in (t, c, b) else ("yes" if learned(metric, t, c, b) else "no")
+        is_learned = None if None in (t, c, b) else learned(metric, t, c, b)
+        verdict = {None: "-", True: "yes", False: "no"}[is_learned]
         lines.append(f"| {task} | {metric} | {_fmt(d)} | {_fmt(t)} | {_fmt(c)} | {_fmt(b)} | {verdict} |")
-        summary_tasks[task] = {"metric": metric, "dev": d, "test": t, "chance": c, "input_blind": b}
-        summary_tasks[task]["learned"] = None if verdict == "-" else verdict == "yes"
+        summary_tasks[task] = {
+            "metric": metric,
+            "dev": d,
+            "test": t,
+            "chance": c,
+            "input_blind": b,
+            "learned": is_learned,
+        }
     shapes = {t: test[t]["well_formed"] for t in primary if "well_formed" in test.get(t, {})}
     if shapes:
         lines += [
