@@ -20,6 +20,7 @@ from mm.batch import Batch
 from mm.config import Config
 from mm.shards import COLUMNS, Manifest, ShardError, collate, load_manifest, part_files
 from mm.tasks import TaskSpec
+from mm.train import derived_seed
 from mm.vocab import Vocabulary
 
 Rows = dict[str, np.ndarray]
@@ -61,7 +62,7 @@ def train_datasets(config: Config) -> dict[str, Any]:
     When every task's shards fit easily in the object store they are read once, up front
     (`materialize`): otherwise each task's split coordinator re-reads its shards every epoch,
     and six of them reading at once take the CPU the training workers need (on 2 cores the
-    steps ran at half speed). Larger corpora stream from the shards.
+    steps ran at half speed). Larger corpora stream from the shards (`data.read` forces one).
     """
     import ray
     import ray.data
@@ -74,7 +75,7 @@ def train_datasets(config: Config) -> dict[str, Any]:
     files = {task.name: part_files(config.data.shards, task.name, "train") for task in config.tasks}
     on_disk = sum(path.stat().st_size for paths in files.values() for path in paths)
     store = ray.cluster_resources().get("object_store_memory", 0)
-    materialize = IN_MEMORY_GROWTH * on_disk < STORE_SHARE * store
+    materialize = reads_up_front(config.data.read, on_disk, store)
     datasets = {}
     for task, paths in files.items():
         dataset = ray.data.read_parquet([str(p) for p in paths])
@@ -82,39 +83,82 @@ def train_datasets(config: Config) -> dict[str, Any]:
     return datasets
 
 
+def reads_up_front(read: str, on_disk: int, store: float) -> bool:
+    """Whether training reads its shards into the object store once (else streams them)."""
+    if read != "auto":
+        return read == "materialize"
+    return IN_MEMORY_GROWTH * on_disk < STORE_SHARE * store
+
+
 class TaskStream:
-    """Endless batches of one task from an iterable of row batches that can be restarted
-    (a Ray DataIterator shard, or parquet files), one epoch after another."""
+    """Endless batches of one task, one epoch after another. `epochs(n)` gives a fresh
+    iterator over the row batches of epoch n (a Ray DataIterator shard, or parquet files).
+
+    Its position is state (`state_dict`): the epoch, the row batches taken from it, and the
+    rows of the last one already given out (token batches cut row batches). A stream loaded
+    with that state re-reads the epoch up to the same point, so a resumed run sees the
+    batches the interrupted one would have seen, provided each epoch's order depends only on
+    the epoch (fixed shuffle seeds, an order-preserving split)."""
 
     def __init__(
         self, spec: TaskSpec, epochs, batch_size: int, by_tokens: bool, max_input: int | None = None
     ):
-        self.spec, self.epochs = spec, epochs  # epochs(): a fresh iterator over row batches
+        self.spec, self.epochs = spec, epochs
         self.batch_size, self.by_tokens, self.max_input = batch_size, by_tokens, max_input
         self.rows: Iterator[Rows] = iter(())
-        self.pending: Rows | None = None
-        self.epoch = 0
+        self.epoch = -1  # none started yet
+        self.chunks = 0  # row batches taken from this epoch
+        self.pending: Rows | None = None  # the last row batch, while token batches cut it
+        self.used = 0  # its rows already given out
 
     def __next__(self) -> Batch:
-        rows = self._take_rows()
-        return collate(self.spec, rows, self.max_input)
+        return collate(self.spec, self._take_rows(), self.max_input)
 
     def _take_rows(self) -> Rows:
         if not self.by_tokens:
             return self._next_chunk()
-        chunk = self.pending if self.pending is not None else self._next_chunk()
-        take = rows_within_token_budget(chunk, self.batch_size)
-        self.pending = _slice(chunk, take, None) if take < _length(chunk) else None
-        return _slice(chunk, 0, take)
+        if self.pending is None:
+            self.pending, self.used = self._next_chunk(), 0
+        rest = _slice(self.pending, self.used, None)
+        take = rows_within_token_budget(rest, self.batch_size)
+        self.used += take
+        if self.used >= _length(self.pending):
+            self.pending = None
+        return _slice(rest, 0, take)
 
     def _next_chunk(self) -> Rows:
         for _ in range(2):  # the current epoch, else one fresh epoch
             chunk = next(self.rows, None)
             if chunk is not None and _length(chunk):
+                self.chunks += 1
                 return chunk
-            self.epoch += 1
-            self.rows = iter(self.epochs())
+            self._start_epoch(self.epoch + 1)
         raise ShardError(f"task {self.spec.name!r}: its training data yields no rows")
+
+    def _start_epoch(self, epoch: int) -> None:
+        self.epoch, self.chunks = epoch, 0
+        self.rows = iter(self.epochs(epoch))
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "chunks": self.chunks, "used": self.used if self.pending else 0}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Re-read epoch `state["epoch"]` up to where the saved stream was."""
+        self.pending, self.used = None, 0
+        if state["epoch"] < 0:
+            self.epoch, self.chunks, self.rows = -1, 0, iter(())
+            return
+        self._start_epoch(state["epoch"])
+        for _ in range(state["chunks"]):
+            chunk = self._next_chunk()
+        if state["used"]:
+            self.pending, self.used = chunk, state["used"]
+
+    def start_at_epoch(self, epoch: int) -> None:
+        """Begin `epoch` afresh (a resumed run whose worker group changed size: the rows are
+        split another way, so no saved position applies)."""
+        self.pending, self.used = None, 0
+        self._start_epoch(epoch)
 
 
 def rows_within_token_budget(rows: Rows, budget: int) -> int:
@@ -141,16 +185,17 @@ def _slice(rows: Rows, start: int, stop: int | None) -> Rows:
 def ray_stream(
     spec: TaskSpec, shard, batch_size: int, by_tokens: bool, max_input: int | None, seed: int
 ) -> TaskStream:
-    """A worker's stream over its Ray Train dataset shard, shuffled locally."""
+    """A worker's stream over its Ray Train dataset shard, shuffled locally with a seed of its
+    own per epoch (`seed` differs per rank): the same order whenever the epoch is re-read."""
     fetch = 256 if by_tokens else batch_size
 
-    def epochs():
+    def epochs(epoch: int):
         return shard.iter_batches(
             batch_size=fetch,
             batch_format="numpy",
             drop_last=not by_tokens,
             local_shuffle_buffer_size=max(4 * fetch, 256),
-            local_shuffle_seed=seed,
+            local_shuffle_seed=derived_seed(seed, epoch),
             prefetch_batches=0,  # a background thread would compete with the step for the GIL
         )
 
@@ -163,7 +208,7 @@ def parquet_stream(
     """The same stream read straight from parquet, in a plain process (no Ray)."""
     fetch = 256 if by_tokens else batch_size
 
-    def epochs():
+    def epochs(epoch: int):  # in file order, every epoch
         for path in files:
             for record_batch in pq.ParquetFile(path).iter_batches(batch_size=fetch, columns=list(COLUMNS)):
                 yield {name: _objects(values) for name, values in record_batch.to_pydict().items()}

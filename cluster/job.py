@@ -157,6 +157,7 @@ def train(
             failure_config=ray.train.FailureConfig(max_failures=cluster.max_failures),
         ),
         datasets=train_datasets(config),
+        dataset_config=ordered_split(),
     )
     try:
         result = trainer.fit()
@@ -170,6 +171,18 @@ def train(
         mlflow.log_artifacts(run_id, str(checkpoint), "checkpoint")
     mlflow.set_terminated(run_id)
     return TrainingResult(run_id, uri, checkpoint, dict(result.metrics or {}), time.time() - started)
+
+
+def ordered_split():
+    """Split every task's rows over the workers in block order, ignoring where blocks live:
+    then each rank reads the same rows in the same order whenever an epoch is read again,
+    which is what lets a restarted group resume on the very batches it would have seen.
+    (By default Ray Data hands a block to whichever worker is nearest, which varies.)"""
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return ray.train.DataConfig(execution_options=options)
 
 
 RESUMED_FROM, RESUMED_FROM_RUN = "mm.resumed_from", "mm.resumed_from_run"

@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from cluster.data import EVAL_SPLIT, evaluation_batches, ray_stream, read_rows
+from cluster.data import EVAL_SPLIT, TaskStream, evaluation_batches, ray_stream, read_rows
 from cluster.tracking import MetricsBuffer
 from mm.build import task_specs
-from mm.checkpoint import load_checkpoint, save_checkpoint
+from mm.checkpoint import load_checkpoint, read_stream_positions, save_checkpoint, save_stream_positions
 from mm.config import Config, parse_config
 from mm.evaluate import decoding_constraint, evaluate_task
 from mm.metrics import aggregate_score, scores_by_task
@@ -62,8 +62,6 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     model.to(device)
     sizes = {name: m.rows("train") for name, m in manifests.items()}
     trainer = Trainer(model, config, sizes, parallel, device)
-    resumed_from = _resume(trainer, loop_config.get("resume"))
-
     streams = {
         spec.name: ray_stream(
             spec,
@@ -75,9 +73,14 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         )
         for spec in specs
     }
-    run = _Run(config, trainer, vocab, specs, rank, world, loop_config, task_records(specs, manifests))
+    resumed_from, positioned = _resume(trainer, streams, rank, world, loop_config.get("resume"))
+    records = task_records(specs, manifests)
+    run = _Run(config, trainer, vocab, specs, rank, world, loop_config, records, streams)
     if rank == 0 and resumed_from is not None:
-        print(f"[mm] resumed at step {trainer.step} with {world} workers from {resumed_from}", flush=True)
+        print(
+            f"[mm] resumed at step {trainer.step} with {world} workers from {resumed_from}; {positioned}",
+            flush=True,
+        )
         resumed = {"train/resumed_at_step": trainer.step, "train/workers": world}
         run.metrics.add(trainer.step + 1, resumed, replay=False)
     fit(trainer, lambda task: next(streams[task]).to(device), run.on_step, run.evaluate, run.save)
@@ -97,26 +100,58 @@ def task_records(specs, manifests: dict[str, Manifest]) -> list[dict[str, Any]]:
     ]
 
 
-def _resume(trainer: Trainer, initial: str | None) -> str | None:
-    """Continue from this run's latest checkpoint (after a restart), else from `--resume`."""
+def _resume(trainer: Trainer, streams: dict[str, TaskStream], rank: int, world: int, initial: str | None):
+    """Continue from this run's latest checkpoint (after a restart), else from `--resume`:
+    weights, optimiser, schedule and each data stream's position. Returns where from (None
+    for a fresh start) and how the data streams were placed."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and initial is None:
-        return None
+        return None, ""
     if checkpoint is None:
-        trainer.load_state_dict(load_checkpoint(initial, trainer.model, trainer.optimizer))
-        return initial
+        return initial, _load(trainer, streams, initial, rank, world)
     with checkpoint.as_directory() as directory:
-        trainer.load_state_dict(load_checkpoint(directory, trainer.model, trainer.optimizer))
-    return checkpoint.path
+        return checkpoint.path, _load(trainer, streams, directory, rank, world)
+
+
+def _load(trainer: Trainer, streams: dict[str, TaskStream], directory, rank: int, world: int) -> str:
+    trainer.load_state_dict(load_checkpoint(directory, trainer.model, trainer.optimizer))
+    return position_streams(streams, read_stream_positions(directory), rank, world)
+
+
+def position_streams(streams: dict[str, TaskStream], saved: dict[int, dict], rank: int, world: int) -> str:
+    """Put each stream where this rank's was when the checkpoint was written. A group of another
+    size splits the rows another way, so no saved position applies: every stream then starts
+    the epoch after the furthest one any rank had begun."""
+    mine = saved.get(rank)
+    if mine is not None and mine["world"] == world:
+        for task, state in mine["positions"].items():
+            if task in streams:
+                streams[task].load_state_dict(state)
+        return "streams resume where they were"
+    if not saved:  # a checkpoint from before streams were saved
+        return "streams start over"
+    for task, stream in streams.items():
+        begun = [r["positions"][task]["epoch"] for r in saved.values() if task in r["positions"]]
+        stream.start_at_epoch(max(begun, default=-1) + 1)
+    return f"streams start a new epoch (saved by {len(saved)} ranks, {world} now)"
 
 
 class _Run:
     """What happens around each step on this rank: progress, metrics, evaluation, checkpoints."""
 
     def __init__(
-        self, config: Config, trainer: Trainer, vocab: Vocabulary, specs, rank, world, loop_config, records
+        self,
+        config: Config,
+        trainer: Trainer,
+        vocab: Vocabulary,
+        specs,
+        rank,
+        world,
+        loop_config,
+        records,
+        streams: dict[str, TaskStream],
     ):
         self.config, self.trainer, self.vocab = config, trainer, vocab
         self.task_records = records
@@ -133,6 +168,7 @@ class _Run:
         self.routing: dict[str, list[list[int]]] = {}
         self.dev = self._evaluation_sets()
         self.latest_eval: dict[str, float] = {}
+        self.streams = streams  # their positions go into every checkpoint
 
     def _evaluation_sets(self):
         limit = self.config.train.eval_examples
@@ -223,6 +259,8 @@ class _Run:
             **self._timing(),
         }
         with tempfile.TemporaryDirectory() as directory:
+            positions = {task: stream.state_dict() for task, stream in self.streams.items()}
+            save_stream_positions(directory, self.rank, self.world, positions)
             if self.rank == 0 or writes_experts:
                 save_checkpoint(
                     directory,
@@ -236,9 +274,7 @@ class _Run:
                     write_dense=self.rank == 0,
                     write_experts=writes_experts,
                 )
-                checkpoint = ray.train.Checkpoint.from_directory(directory)
-            else:
-                checkpoint = None
+            checkpoint = ray.train.Checkpoint.from_directory(directory)  # every rank's streams
             ray.train.report(reported, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:07d}")
         if self.metrics is not None:
             self.metrics.commit()

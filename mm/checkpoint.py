@@ -8,6 +8,8 @@
     tasks.json               per task: kind, command id, classes and their names, input features
     vocab.model              the vocabulary (when the run had one)
     run.json                 the MLflow run and step that wrote it
+    streams/rank-001.json    where rank 1's data stream of every task was (epoch, batches
+                             taken), so that a resumed run reads on from the same rows
     NAME.sha256              beside every file above: its sha256, checked on load
 
 Each file carries its own checksum file, so the ranks' directories merge into one checkpoint
@@ -36,6 +38,7 @@ from mm.moe import Experts
 DENSE, TRAINER, CONFIG, TASKS, VOCAB = "dense.pt", "trainer.pt", "config.json", "tasks.json", "vocab.model"
 RUN = "run.json"  # which run wrote it, at which step: the lineage of a resumed run
 EXPERTS_DIR = "experts"
+STREAMS_DIR = "streams"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 STEP = "step"  # Adam's per-parameter step count: a parameter unused by a task skips steps
 CHECKSUM = ".sha256"
@@ -152,6 +155,19 @@ def write_file(path: Path, content: bytes) -> None:
 
 def _checksum_file(path: Path) -> Path:
     return path.with_name(path.name + CHECKSUM)
+
+
+def save_stream_positions(directory: str | Path, rank: int, world: int, positions: dict[str, Any]) -> None:
+    """This rank's position in each task's data stream (`TaskStream.state_dict`)."""
+    record = {"rank": rank, "world": world, "positions": positions}
+    write_file(Path(directory) / STREAMS_DIR / f"rank-{rank:03d}.json", json.dumps(record).encode())
+
+
+def read_stream_positions(directory: str | Path) -> dict[int, dict[str, Any]]:
+    """{rank: {"world": ..., "positions": {task: state}}} of every rank that saved one (none in
+    checkpoints from before streams were saved)."""
+    records = [json.loads(p.read_text()) for p in sorted((Path(directory) / STREAMS_DIR).glob("rank-*.json"))]
+    return {record["rank"]: record for record in records}
 
 
 # ----------------------------------------------------------------------------------------- verify

@@ -199,6 +199,9 @@ class DataConfig(Section):
     hop_ms: float = Field(10.0, gt=0)
     max_rejected_fraction: float = Field(0.01, ge=0, le=1)
     shard_rows: int = Field(20000, ge=1, description="rows per parquet part")
+    # training: read the shards into the object store once (fast epochs) or stream them from
+    # storage every epoch (any size); auto reads up front what fits a share of the store
+    read: Literal["auto", "materialize", "stream"] = "auto"
 
 
 class MixingPhase(Section):

@@ -78,6 +78,11 @@ class TaskSampler:
         self.smoothed_loss = dict(state["smoothed_loss"])
 
 
+def derived_seed(*keys: int) -> int:
+    """A seed for one use, e.g. (seed, step, rank): independent streams, and reproducible."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+
+
 def lr_factor(step: int, warmup: int) -> float:
     """Linear warm-up for `warmup` steps, then decay as 1/sqrt(step); 1.0 at the peak."""
     if warmup <= 0:
@@ -159,6 +164,9 @@ class Trainer:
     def train_step(self, next_batch: Callable[[str], Batch]) -> StepLog:
         started = time.perf_counter()
         self.model.train()
+        # The step's randomness (dropout, the gates' noise) is a function of (seed, step, rank)
+        # alone, so a run resumed at step t draws what the uninterrupted run drew there.
+        torch.manual_seed(derived_seed(self.config.seed, self.step, self.parallel.rank))
         task = self.sampler.task_at(self.step)
         accum = self.config.train.grad_accum
         task_loss = aux_loss = 0.0

@@ -61,15 +61,19 @@ def history(result, key: str) -> list[tuple[int, float]]:
     return [(m.step, m.value) for m in client(result.tracking_uri).get_metric_history(result.run_id, key)]
 
 
+STEPS = 40  # of the module's reference run, and of the run whose worker is killed
+CHECKPOINTED = {"checkpoint_every": 10, "log_every": 10, "eval_every": 1000}  # none changes a loss
+
+
 @pytest.fixture(scope="module")
 def two_worker_run(ray_local, shards, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run2")
-    return train(job_config(shards, tmp, steps=6)), tmp
+    return train(job_config(shards, tmp, steps=STEPS, train=CHECKPOINTED)), tmp
 
 
 def test_two_workers_train_with_sharded_experts_and_log_to_mlflow(two_worker_run):
     result, _ = two_worker_run
-    assert result.metrics["step"] == 6
+    assert result.metrics["step"] == STEPS
     assert {"eval/reverse/bleu", "eval/reverse/log_ppl", "eval/patches/accuracy"} <= set(result.metrics)
     # one checkpoint, merged from both workers: rank 0's dense part, each rank's 2 experts
     files = sorted(p.name for p in (result.checkpoint / "experts").glob("*.pt"))
@@ -89,39 +93,45 @@ def test_two_workers_train_with_sharded_experts_and_log_to_mlflow(two_worker_run
 def test_a_two_worker_checkpoint_resumes_on_another_number_of_workers(two_worker_run, shards, workers):
     first, tmp = two_worker_run
     last_loss = history(first, "train/reverse/loss")[-1][1]
-    config = job_config(shards, tmp / f"resume{workers}", steps=10, cluster={"workers": workers})
+    config = job_config(shards, tmp / f"resume{workers}", steps=STEPS + 4, cluster={"workers": workers})
     resumed = train(config, resume=first.checkpoint)
-    assert resumed.metrics["step"] == 10
+    assert resumed.metrics["step"] == STEPS + 4
     tags = client(resumed.tracking_uri).get_run(resumed.run_id).data.tags  # its lineage
     assert tags[RESUMED_FROM] == str(first.checkpoint.absolute())
     assert tags[RESUMED_FROM_RUN] == first.run_id
-    assert history(resumed, "train/resumed_at_step") == [(7, 6.0)]
-    assert history(resumed, "train/workers") == [(7, float(workers))]
+    assert history(resumed, "train/resumed_at_step") == [(STEPS + 1, float(STEPS))]
+    assert history(resumed, "train/workers") == [(STEPS + 1, float(workers))]
     steps = [step for step, _ in history(resumed, "train/reverse/loss")]
-    assert steps and min(steps) > 6  # it continued, it did not start over
+    assert steps and min(steps) > STEPS  # it continued, it did not start over
     initial = history(first, "train/reverse/loss")[0][1]
     after = history(resumed, "train/reverse/loss")[0][1]
     assert abs(after - last_loss) < abs(initial - last_loss) + 0.5  # the curve goes on from where it was
 
 
-def test_killed_worker_restarts_from_the_last_checkpoint_and_counts_no_step_twice(
-    ray_local, shards, tmp_path
+def test_a_killed_worker_restarts_and_the_run_replays_the_uninterrupted_runs_losses_exactly(
+    two_worker_run, shards, tmp_path
 ):
-    config = kill_test_config(shards, tmp_path, steps=40, max_failures=2)
+    config = kill_test_config(shards, tmp_path, steps=STEPS, max_failures=2)
     killed: list[int] = []
     killer = threading.Thread(target=kill_a_worker_after_step, args=(config, 10, killed), daemon=True)
     killer.start()
     result = train(config)
     killer.join(timeout=1)
     assert killed, "no worker was killed"
-    assert result.metrics["step"] == 40
+    assert result.metrics["step"] == STEPS
     resumed = history(result, "train/resumed_at_step")
-    assert resumed and 10 <= resumed[0][1] < 40
+    assert resumed and 10 <= resumed[0][1] < STEPS
+    uninterrupted = two_worker_run[0]
     for task in ("reverse", "patches"):
-        steps = [step for step, _ in history(result, f"train/{task}/loss")]
+        losses = history(result, f"train/{task}/loss")
+        steps = [step for step, _ in losses]
         assert len(steps) == len(set(steps)), f"{task}: a step was logged twice"
+        # the same batches, the same noise, the same weights: the same loss at every step
+        expected = history(uninterrupted, f"train/{task}/loss")
+        assert steps == [step for step, _ in expected]
+        assert [loss for _, loss in losses] == pytest.approx([loss for _, loss in expected], rel=1e-5)
     all_steps = sorted(s for t in ("reverse", "patches") for s, _ in history(result, f"train/{t}/loss"))
-    assert all_steps == list(range(1, 41))  # every step once, none lost
+    assert all_steps == list(range(1, STEPS + 1))  # every step once, none lost
 
 
 def test_a_worker_killed_with_no_restarts_left_names_the_latest_checkpoint(
@@ -149,8 +159,7 @@ def test_a_worker_killed_with_no_restarts_left_names_the_latest_checkpoint(
 
 
 def kill_test_config(shards: Path, tmp: Path, steps: int, max_failures: int):
-    train = {"checkpoint_every": 10, "log_every": 10, "eval_every": 1000}
-    return job_config(shards, tmp, steps=steps, train=train, cluster={"max_failures": max_failures})
+    return job_config(shards, tmp, steps=steps, train=CHECKPOINTED, cluster={"max_failures": max_failures})
 
 
 def kill_a_worker_after_step(config, step: int, killed: list[int]) -> None:
@@ -165,6 +174,119 @@ def kill_a_worker_after_step(config, step: int, killed: list[int]) -> None:
                 killed.append(workers[-1])
                 return
         time.sleep(0.2)
+
+
+def test_streamed_shards_give_every_row_once_per_epoch_to_the_two_ranks_together(ray_local, shards):
+    import ray.data
+
+    from cluster.data import ray_stream, reads_up_front
+    from mm.build import task_specs
+    from mm.shards import load_manifest, part_files
+    from mm.vocab import Vocabulary
+
+    assert not reads_up_front("auto", on_disk=1 << 30, store=4 << 30)  # ImageNet-sized: streams
+    assert reads_up_front("auto", on_disk=1 << 20, store=4 << 30)
+    config = job_config(shards, shards.parent)
+    vocab = Vocabulary.load(shards / "vocab.model")
+    spec = {s.name: s for s in task_specs(config, vocab, {"patches": load_manifest(shards, "patches")})}
+    files = [str(p) for p in part_files(shards, "patches", "train")]
+    splits = ray.data.read_parquet(files).streaming_split(2, equal=True)  # not materialised
+    seen: dict[int, list[str]] = {}
+
+    def consume(rank: int) -> None:
+        stream = ray_stream(spec["patches"], splits[rank], 8, False, None, seed=rank)
+        for _ in range(3 * 4):  # 3 epochs of 4 batches: 64 rows, 32 per rank
+            batch = next(stream)
+            seen.setdefault(stream.epoch, []).extend(batch.ids)
+
+    threads = [threading.Thread(target=consume, args=(rank,)) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert sorted(seen) == [0, 1, 2]
+    for epoch, ids in seen.items():
+        assert sorted(ids) == sorted(f"train-{i}" for i in range(64)), f"epoch {epoch}"
+
+
+def test_a_training_job_that_streams_its_shards_completes_with_bounded_memory(ray_local, shards, tmp_path):
+    config = job_config(shards, tmp_path, steps=80, train=CHECKPOINTED, data={"read": "stream"})
+    samples: list[tuple[float, dict[int, int]]] = []
+    done = threading.Event()
+    sampler = threading.Thread(target=sample_memory, args=(samples, done), daemon=True)
+    sampler.start()
+    result = train(config)
+    done.set()
+    sampler.join(timeout=5)
+    assert result.metrics["step"] == 80  # about 10 epochs of each task per rank
+    training = [rss for _, rss in samples if len(rss) == 3]  # the driver and both workers up
+    assert len(training) >= 4
+    early, late = training[: len(training) // 2], training[len(training) // 2 :]
+    for pid in training[-1]:
+        grown = max(s.get(pid, 0) for s in late) - max(s.get(pid, 0) for s in early)
+        assert grown < 150 << 20, f"process {pid} grew by {grown >> 20} MiB while streaming"
+
+
+def sample_memory(samples: list, done: threading.Event) -> None:
+    """Resident memory of this process (the driver) and of every Ray Train worker, twice a second."""
+    while not done.is_set():
+        pids = [os.getpid(), *processes_named("RayTrainWorker")]
+        samples.append((time.time(), {pid: resident_bytes(pid) for pid in pids}))
+        time.sleep(0.5)
+
+
+def resident_bytes(pid: int) -> int:
+    try:
+        fields = Path(f"/proc/{pid}/statm").read_text().split()
+    except OSError:
+        return 0
+    return int(fields[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.owns_ray
+def test_a_lost_node_shrinks_the_elastic_group_which_resumes_on_the_other_node_and_finishes(
+    own_ray, shards, tmp_path
+):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    second = cluster.add_node(num_cpus=1)  # one 1-CPU worker per node: the group spans both
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        cluster.wait_for_nodes()
+        config = job_config(
+            shards,
+            tmp_path,
+            steps=STEPS,
+            train=CHECKPOINTED,
+            cluster={"workers": 2, "min_workers": 1, "cpus_per_worker": 1},
+        )
+        removed: list[float] = []
+
+        def remove_the_second_node() -> None:
+            deadline = time.time() + 240
+            while time.time() < deadline and committed_steps(config) < 10:
+                time.sleep(0.2)
+            removed.append(time.time())
+            cluster.remove_node(second, allow_graceful=False)
+
+        remover = threading.Thread(target=remove_the_second_node, daemon=True)
+        remover.start()
+        result = train(config)
+        remover.join(timeout=1)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert removed, "the node was not removed"
+    assert result.metrics["step"] == STEPS
+    assert [workers for _, workers in history(result, "train/workers")] == [1.0]  # 4 experts on 1 rank
+    (resumed_at,) = client(result.tracking_uri).get_metric_history(result.run_id, "train/resumed_at_step")
+    recovery = resumed_at.timestamp / 1000 - removed[0]
+    print(f"node lost; resumed at step {resumed_at.value:.0f} on 1 worker {recovery:.1f} s later")
+    assert 0 < recovery < 120
+    steps = sorted(s for t in ("reverse", "patches") for s, _ in history(result, f"train/{t}/loss"))
+    assert steps == list(range(1, STEPS + 1))
 
 
 # ------------------------------------------------------------------------- caught before training

@@ -1,0 +1,79 @@
+"""Training data streams (cluster/data.py) read from real parquet shards: token-budget batches,
+epochs, and a position that a new stream can take up exactly (what exact resume rests on)."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.data import TaskStream, parquet_stream
+from cluster.worker import position_streams
+from mm.build import task_specs
+from mm.shards import load_manifest, part_files
+from mm.vocab import Vocabulary
+
+from shardmaker import write_shards
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("streams") / "shards"
+    config = write_shards(root, rows=40)
+    vocab = Vocabulary.load(root / "vocab.model")
+    manifests = {t.name: load_manifest(root, t.name) for t in config.tasks}
+    return root, {spec.name: spec for spec in task_specs(config, vocab, manifests)}
+
+
+def stream(shards, task: str, batch_size: int, by_tokens: bool) -> TaskStream:
+    root, specs = shards
+    return parquet_stream(specs[task], part_files(root, task, "train"), batch_size, by_tokens)
+
+
+def test_token_batches_stay_within_their_budget_and_cover_every_row_once_per_epoch(shards):
+    budget = 40
+    reverse = stream(shards, "reverse", budget, by_tokens=True)
+    seen: list[str] = []
+    while reverse.epoch < 1:
+        batch = next(reverse)
+        if reverse.epoch == 0:
+            padded = len(batch) * max(batch.inputs.shape[1], batch.targets.shape[1])
+            assert padded <= budget or len(batch) == 1, f"{len(batch)} rows x padded length > {budget}"
+            seen.extend(batch.ids)
+    assert len(seen) > 40 // 8  # more batches than 8-row ones: the budget cut them
+    assert sorted(seen) == sorted(f"train-{i}" for i in range(40))  # every row once
+
+
+@pytest.mark.parametrize(("task", "by_tokens"), [("patches", False), ("reverse", True)])
+def test_a_stream_loaded_with_a_saved_position_continues_with_the_same_batches(shards, task, by_tokens):
+    first = stream(shards, task, 8 if not by_tokens else 30, by_tokens)
+    for _ in range(7):  # into the second epoch (5 batches of 8 make one), mid-row-batch for tokens
+        next(first)
+    saved = first.state_dict()
+    second = stream(shards, task, 8 if not by_tokens else 30, by_tokens)
+    second.load_state_dict(saved)
+    for _ in range(9):
+        expected, got = next(first), next(second)
+        assert got.ids == expected.ids
+    assert second.state_dict() == first.state_dict()
+
+
+def test_resumed_streams_take_up_their_ranks_positions_or_a_new_epoch_when_the_group_changed(shards):
+    ahead = stream(shards, "patches", 8, by_tokens=False)
+    for _ in range(12):  # epoch 2, third batch
+        next(ahead)
+    saved = {
+        0: {"rank": 0, "world": 2, "positions": {"patches": ahead.state_dict()}},
+        1: {"rank": 1, "world": 2, "positions": {"patches": {"epoch": 1, "chunks": 4, "used": 0}}},
+    }
+    same_group = {"patches": stream(shards, "patches", 8, by_tokens=False)}
+    assert position_streams(same_group, saved, rank=0, world=2) == "streams resume where they were"
+    assert same_group["patches"].state_dict() == {"epoch": 2, "chunks": 2, "used": 0}
+    assert next(same_group["patches"]).ids == next(ahead).ids
+
+    regrouped = {"patches": stream(shards, "patches", 8, by_tokens=False)}
+    assert "new epoch" in position_streams(regrouped, saved, rank=0, world=1)
+    next(regrouped["patches"])
+    assert regrouped["patches"].state_dict() == {"epoch": 3, "chunks": 1, "used": 0}
+
+    fresh = {"patches": stream(shards, "patches", 8, by_tokens=False)}
+    assert position_streams(fresh, {}, rank=0, world=2) == "streams start over"
+    assert fresh["patches"].state_dict() == {"epoch": -1, "chunks": 0, "used": 0}
