@@ -10,7 +10,6 @@ so they are checked like the file itself.
 from __future__ import annotations
 
 import copy
-import math
 import os
 import re
 from pathlib import Path
@@ -37,25 +36,28 @@ class MoEConfig(Section):
     num_experts: int = Field(8, ge=1)
     k: int = Field(2, ge=1)
     hidden: int = Field(256, ge=1, description="width of each expert's ReLU layer")
-    capacity_factor: float = Field(1.25, gt=0)
+    # None: dropless, every expert takes all the tokens routed to it (MegaBlocks)
+    capacity_factor: float | None = Field(1.25, gt=0)
     # None: no token is dropped at evaluation, so that decoding one token at a time gives
     # exactly what a full recompute gives (capacity would otherwise depend on the batch).
     eval_capacity_factor: float | None = None
     noisy_gating: bool = True
-    balance_coef: float = Field(1e-2, ge=0)
+    balance_coef: float = Field(1e-2, ge=0, description="weight of the CV² balancing loss")
+    # Beyond the paper (mm/moe.py), all off by default:
+    z_loss_coef: float = Field(0.0, ge=0, description="router z-loss weight (ST-MoE suggests 1e-3)")
+    balance: Literal["aux_loss", "bias", "both"] = Field(
+        "aux_loss", description="CV² loss, DeepSeek-V3's loss-free expert bias, or both"
+    )
+    bias_update_rate: float = Field(1e-3, gt=0, description="step of the expert bias per training pass")
+    shared_experts: int = Field(0, ge=0, le=1, description="a dense FFN every token goes through too")
+    router_fp32: bool = Field(False, description="gating matmuls in fp32 under bf16 autocast")
+    grouped_mm: bool = Field(False, description="experts as one grouped matmul, no padded buffers")
 
     @model_validator(mode="after")
     def _k_fits(self) -> MoEConfig:
         if self.k > self.num_experts:
             raise ValueError(f"k={self.k} is larger than num_experts={self.num_experts}")
         return self
-
-    def capacity(self, tokens: int, training: bool) -> int:
-        """Slots per expert: ceil(k * tokens * capacity_factor / num_experts)."""
-        factor = self.capacity_factor if training else self.eval_capacity_factor
-        if factor is None:
-            return tokens
-        return math.ceil(self.k * tokens * factor / self.num_experts)
 
 
 class ModelConfig(Section):

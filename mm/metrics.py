@@ -6,6 +6,7 @@ Higher is better for every metric but `wer` and `log_ppl`; `higher_is_better` sa
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -218,6 +219,16 @@ def normalized(metric: str, value: float, reference: float | None = None) -> flo
 
 # "Learned" means beating both floors, chance and input-blind, by this much of the metric's
 # range: 0.02 accuracy, 2 BLEU or bracket-F1 points, 0.02 WER.
+def routing_entropy(counts: Sequence[int]) -> float:
+    """How evenly a task's tokens spread over one layer's experts: the entropy of its shares
+    over log(experts), 1 for an even spread, 0 when every token goes to one expert."""
+    total = sum(counts)
+    if total <= 0 or len(counts) < 2:
+        return 0.0
+    shares = [c / total for c in counts if c > 0]
+    return -sum(p * math.log(p) for p in shares) / math.log(len(counts))
+
+
 LEARNED_MARGIN = 0.02
 
 

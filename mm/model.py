@@ -51,6 +51,12 @@ def make_moe(config: ModelConfig) -> MoE:
         eval_capacity_factor=moe.eval_capacity_factor,
         noisy_gating=moe.noisy_gating,
         balance_coef=moe.balance_coef,
+        z_loss_coef=moe.z_loss_coef,
+        balance=moe.balance,
+        bias_update_rate=moe.bias_update_rate,
+        shared_experts=moe.shared_experts,
+        router_fp32=moe.router_fp32,
+        grouped_mm=moe.grouped_mm,
     )
 
 

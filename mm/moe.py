@@ -8,6 +8,18 @@ A forward pass is four steps:
     experts   every expert's two-layer ReLU FFN, all experts at once with batched matmuls
     combine   each token sums its experts' outputs weighted by its gates
 
+Options beyond the paper, all off by default (the paper's layer is the default):
+    z_loss_coef       router z-loss (ST-MoE): coef * mean(logsumexp(logits)^2), keeps logits small
+    balance           "aux_loss" (the paper's CV² loss), "bias" (DeepSeek-V3's auxiliary-loss-free
+                      balancing: a per-expert bias added to the logits for choosing experts only,
+                      nudged after every training pass towards the under-loaded ones) or "both"
+    shared_experts    1: a dense FFN every real token passes through beside its routed experts
+                      (DeepSeekMoE)
+    capacity_factor   None: dropless, every expert's buffer as long as its load
+    router_fp32       the gating matmuls in fp32 under bf16 autocast
+    grouped_mm        experts computed with torch's grouped matmul over the tokens sorted by
+                      expert, instead of padded per-expert buffers (dropless routing's kernel)
+
 Dispatch and combine belong to a dispatcher. `LocalDispatcher` keeps every expert in this
 process. `ExpertParallelDispatcher` holds num_experts / W of them on each of W ranks and moves
 tokens to their experts' ranks with `all_to_all_single` and back. Both drop exactly the same
@@ -63,9 +75,10 @@ class MoEOutput:
 class Experts(nn.Module):
     """`num` two-layer ReLU FFNs, computed together: one batched matmul per layer."""
 
-    def __init__(self, num: int, d_model: int, hidden: int, first_id: int = 0):
+    def __init__(self, num: int, d_model: int, hidden: int, first_id: int = 0, grouped: bool = False):
         super().__init__()
         self.first_id = first_id  # global id of the first expert held here
+        self.grouped = grouped  # run with grouped matmuls (run_experts), not padded buffers
         bound1, bound2 = 1 / math.sqrt(d_model), 1 / math.sqrt(hidden)
         self.w1 = nn.Parameter(torch.empty(num, d_model, hidden).uniform_(-bound1, bound1))
         self.b1 = nn.Parameter(torch.zeros(num, 1, hidden))
@@ -81,11 +94,22 @@ class Experts(nn.Module):
 
     def slice(self, first: int, num: int) -> Experts:
         """A copy holding experts first .. first+num-1 (for expert parallelism)."""
-        part = Experts(num, self.w1.shape[1], self.w1.shape[2], first_id=self.first_id + first)
+        part = Experts(num, self.w1.shape[1], self.w1.shape[2], self.first_id + first, self.grouped)
         with torch.no_grad():
             for name, param in part.named_parameters():
                 param.copy_(getattr(self, name)[first : first + num])
         return part
+
+
+class SharedExpert(nn.Module):
+    """One dense two-layer ReLU FFN that every real token goes through (DeepSeekMoE)."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.up, self.down = nn.Linear(d_model, hidden), nn.Linear(hidden, d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(F.relu(self.up(x)))
 
 
 class MoE(nn.Module):
@@ -95,23 +119,36 @@ class MoE(nn.Module):
         d_hidden: int,
         num_experts: int,
         k: int = 2,
-        capacity_factor: float = 1.25,
+        capacity_factor: float | None = 1.25,
         group: dist.ProcessGroup | None = None,
         eval_capacity_factor: float | None = None,
         noisy_gating: bool = True,
         balance_coef: float = 1e-2,
+        z_loss_coef: float = 0.0,
+        balance: str = "aux_loss",
+        bias_update_rate: float = 1e-3,
+        shared_experts: int = 0,
+        router_fp32: bool = False,
+        grouped_mm: bool = False,
     ):
         super().__init__()
         if not 1 <= k <= num_experts:
             raise ValueError(f"MoE needs 1 <= k <= num_experts, got k={k}, num_experts={num_experts}")
+        if balance not in ("aux_loss", "bias", "both"):
+            raise ValueError(f"MoE balance must be aux_loss, bias or both, not {balance!r}")
         self.num_experts, self.k = num_experts, k
         self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
-        self.noisy_gating, self.balance_coef = noisy_gating, balance_coef
+        self.noisy_gating, self.balance_coef, self.z_loss_coef = noisy_gating, balance_coef, z_loss_coef
+        self.balance, self.bias_update_rate, self.router_fp32 = balance, bias_update_rate, router_fp32
         # Shazeer et al. start both gating matrices at zero; a small random w_gate instead
         # spreads the tokens over the experts from the first step, also at evaluation.
         self.w_gate = nn.Parameter(torch.randn(d_model, num_experts) * 0.02)
         self.w_noise = nn.Parameter(torch.zeros(d_model, num_experts))
-        self.experts = Experts(num_experts, d_model, d_hidden)
+        # not learnt: a parameter without gradient, so that checkpoints and resumes carry it
+        biased = balance in ("bias", "both")
+        self.expert_bias = nn.Parameter(torch.zeros(num_experts), requires_grad=False) if biased else None
+        self.experts = Experts(num_experts, d_model, d_hidden, grouped=grouped_mm)
+        self.shared = SharedExpert(d_model, d_hidden) if shared_experts else None
         self.dispatcher: LocalDispatcher | ExpertParallelDispatcher = LocalDispatcher()
         if group is not None:
             self.shard(group)
@@ -138,31 +175,45 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         valid = torch.ones(len(x), dtype=torch.bool, device=x.device) if mask is None else mask.reshape(-1)
-        routing = self.route(x, valid, None if noise is None else noise.reshape(-1, self.num_experts))
+        routing, clean = self.route(x, valid, None if noise is None else noise.reshape(-1, self.num_experts))
         y, stats = self.dispatcher(x, routing, self.experts, self.capacity)
-        return MoEOutput(y.view(shape), self.balance_loss(routing), stats)
+        if self.shared is not None:
+            y = y + self.shared(x) * valid.unsqueeze(1).to(x.dtype)
+        if self.training and self.expert_bias is not None:
+            self._update_bias(stats.load)
+        return MoEOutput(y.view(shape), self.balance_loss(routing) + self.z_loss(clean, valid), stats)
 
     # ------------------------------------------------------------------------------------ gating
 
-    def route(self, x: Tensor, valid: Tensor, noise: Tensor | None = None) -> Routing:
-        clean = x @ self.w_gate
+    def route(self, x: Tensor, valid: Tensor, noise: Tensor | None = None) -> tuple[Routing, Tensor]:
+        """The routing, and the clean logits (for the z-loss)."""
+        clean = self._gating(x, self.w_gate)
         noisy = self.training and self.noisy_gating
         if noisy:
-            noise_std = F.softplus(x @ self.w_noise) + NOISE_EPSILON
+            noise_std = F.softplus(self._gating(x, self.w_noise)) + NOISE_EPSILON
             noise = torch.randn_like(clean) if noise is None else noise
             logits = clean + noise * noise_std
         else:
             logits = clean
-        top_values, top_experts = logits.topk(min(self.k + 1, self.num_experts), dim=-1)
-        gates = F.softmax(top_values[:, : self.k], dim=-1)
+        # the bias only decides which experts a token goes to, never how much they weigh
+        bias = 0.0 if self.expert_bias is None else self.expert_bias.to(clean.dtype)
+        choosing = logits + bias
+        top_values, top_experts = choosing.topk(min(self.k + 1, self.num_experts), dim=-1)
         experts = top_experts[:, : self.k]
-        real = valid.unsqueeze(1).to(x.dtype)
-        importance = (torch.zeros_like(clean).scatter(1, experts, gates) * real).sum(0)
+        gates = F.softmax(logits.gather(1, experts), dim=-1)
+        real = valid.unsqueeze(1).to(gates.dtype)
+        importance = (gates.new_zeros(clean.shape).scatter(1, experts, gates) * real).sum(0)
         if noisy and self.k < self.num_experts:
-            load = (self._smooth_load(clean, logits, noise_std, top_values) * real).sum(0)
+            load = (self._smooth_load(clean + bias, choosing, noise_std, top_values) * real).sum(0)
         else:
-            load = (F.one_hot(experts, self.num_experts).sum(1).to(x.dtype) * real).sum(0)
-        return Routing(gates, experts, valid, importance, load)
+            load = (F.one_hot(experts, self.num_experts).sum(1).to(gates.dtype) * real).sum(0)
+        return Routing(gates, experts, valid, importance, load), clean
+
+    def _gating(self, x: Tensor, weight: Tensor) -> Tensor:
+        if not self.router_fp32:
+            return x @ weight
+        with torch.autocast(x.device.type, enabled=False):  # routing decisions in full precision
+            return x.float() @ weight.float()
 
     def _smooth_load(self, clean: Tensor, noisy: Tensor, noise_std: Tensor, top_values: Tensor) -> Tensor:
         """P(expert in top-k) for each token and expert, differentiable in the gate weights.
@@ -179,8 +230,25 @@ class MoE(nn.Module):
 
     def balance_loss(self, routing: Routing) -> Tensor:
         """coef * (CV²(importance) + CV²(load)), over every token of the expert-parallel group."""
+        if self.balance == "bias":
+            return routing.gates.new_zeros(())
         importance, load = self.dispatcher.sum_over_group(torch.stack([routing.importance, routing.load]))
         return self.balance_coef * (cv_squared(importance) + cv_squared(load))
+
+    def z_loss(self, clean: Tensor, valid: Tensor) -> Tensor:
+        """coef * the mean over the group's real tokens of logsumexp(router logits)²."""
+        if not self.z_loss_coef:
+            return clean.new_zeros(())
+        z = torch.logsumexp(clean.float(), dim=-1) ** 2 * valid.float()
+        total, count = self.dispatcher.sum_over_group(torch.stack([z.sum(), valid.float().sum()]))
+        return self.z_loss_coef * total / count.clamp(min=1)
+
+    @torch.no_grad()
+    def _update_bias(self, load: Tensor) -> None:
+        """Raise the bias of experts that got fewer tokens than the mean, lower the others'
+        (DeepSeek-V3's sign update); `load` is over the whole expert-parallel group."""
+        load = load.to(self.expert_bias.dtype)
+        self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
 
 
 def cv_squared(x: Tensor) -> Tensor:
@@ -206,6 +274,8 @@ def arrival_order(expert: Tensor, valid: Tensor, num_experts: int) -> Tensor:
 
 def run_experts(experts: Experts, rows: Tensor, local_expert: Tensor, slot: Tensor) -> Tensor:
     """Place rows in [experts, slots, d] buffers, run the experts, read the rows back out."""
+    if experts.grouped:
+        return run_experts_grouped(experts, rows, local_expert)
     slots = int(slot.max()) + 1 if len(slot) else 1
     index = local_expert * slots + slot
     buffer = rows.new_zeros(experts.num * slots, rows.shape[-1]).index_copy(0, index, rows)
@@ -213,6 +283,23 @@ def run_experts(experts: Experts, rows: Tensor, local_expert: Tensor, slot: Tens
     # under autocast the batched matmuls return bf16: back to the rows' dtype, so that the
     # combine's index_add (and the return trip of expert parallelism) sees one dtype
     return out.to(rows.dtype)
+
+
+def run_experts_grouped(experts: Experts, rows: Tensor, local_expert: Tensor) -> Tensor:
+    """The same with rows sorted by expert and each expert one group of a grouped matmul: no
+    slots and no padding, so a skewed (dropless) load costs only its tokens."""
+    order = torch.argsort(local_expert, stable=True)
+    which = local_expert[order]
+    offsets = torch.bincount(local_expert, minlength=experts.num).cumsum(0).to(torch.int32)
+    # one dtype for both operands (autocast does not cover grouped_mm): its dtype under
+    # autocast, as the padded path's batched matmuls get (CUDA's kernel wants bf16)
+    device = rows.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else rows.dtype
+    hidden = F.grouped_mm(rows[order].to(dtype), experts.w1.to(dtype), offs=offsets) + experts.b1[
+        which, 0
+    ].to(dtype)
+    out = F.grouped_mm(F.relu(hidden), experts.w2.to(dtype), offs=offsets) + experts.b2[which, 0].to(dtype)
+    return torch.empty_like(out).index_copy(0, order, out).to(rows.dtype)  # in the rows' order
 
 
 def dropped_count(load: Tensor, capacity: int) -> int:
@@ -230,7 +317,7 @@ class LocalDispatcher:
         slot = arrival_order(expert, valid, experts.num)
         keep = valid & (slot < cap)
         out = run_experts(experts, x[token[keep]], expert[keep], slot[keep])
-        y = torch.zeros_like(x).index_add(0, token[keep], out * gate[keep].unsqueeze(1))
+        y = torch.zeros_like(x).index_add(0, token[keep], (out * gate[keep].unsqueeze(1)).to(x.dtype))
         load = torch.bincount(expert[valid], minlength=experts.num)
         return y, MoEStats(load, dropped_count(load, cap), int(valid.sum()))
 
@@ -274,7 +361,7 @@ class ExpertParallelDispatcher:
         out = run_experts(experts, arrived, *self._arrival_slots(mine))
         returned = self._exchange(out, send, receive)
 
-        y = torch.zeros_like(x).index_add(0, token[order], returned * gate[order].unsqueeze(1))
+        y = torch.zeros_like(x).index_add(0, token[order], (returned * gate[order].unsqueeze(1)).to(x.dtype))
         total_load = load.sum(0)
         return y, MoEStats(total_load, dropped_count(total_load, cap), int(total_load.sum()))
 

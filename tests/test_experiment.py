@@ -56,6 +56,18 @@ def test_transfer_and_ablation_arms_change_what_they_say(tmp_path):
     assert models["all blocks"].use_moe and models["all blocks"].decoder_attention
     assert not models["no MoE"].use_moe and models["no MoE"].decoder_attention
     assert models["no attention"].use_moe and not models["no attention"].decoder_attention
+    paper = models["all blocks"].moe
+    assert (paper.balance, paper.z_loss_coef, paper.shared_experts) == ("aux_loss", 0.0, 0)
+    assert (
+        models["z-loss + bias balancing"].moe.balance,
+        models["z-loss + bias balancing"].moe.z_loss_coef,
+    ) == (
+        "both",
+        1e-3,
+    )
+    assert models["dropless"].moe.capacity_factor is None and paper.capacity_factor is not None
+    assert models["shared expert"].moe.shared_experts == 1
+    assert {c.other for c in ablation.comparisons} >= {"z-loss + bias balancing", "dropless", "shared expert"}
 
 
 def test_mixing_arms_replay_the_tuned_ratios_and_the_pbt_schedule(tmp_path):
@@ -104,6 +116,18 @@ def test_a_study_naming_a_task_the_config_lacks_fails_before_any_run(tmp_path):
         tiny(tmp_path, transfer_target="ptb")
     with pytest.raises(ConfigError, match="transfer study needs a constituency_parsing task"):
         expand("transfer", tiny(tmp_path), SIZES)  # no parsing task to pick by kind
+
+
+def test_a_study_over_a_task_without_a_dev_split_is_refused_before_any_run(tmp_path):
+    import shutil
+
+    from mm.shards import ShardError
+
+    config = tiny(tmp_path)
+    write_shards(tmp_path / "shards")
+    shutil.rmtree(tmp_path / "shards" / "patches" / "dev")
+    with pytest.raises(ShardError, match="task 'patches' has no 'dev' split to evaluate on"):
+        run_experiment(config, "ablation", seeds=1, preset="micro", out=tmp_path / "report")
 
 
 def test_presets_size_the_runs(tmp_path):

@@ -24,14 +24,28 @@ TOKENS_PER_RANK = [13, 7, 10, 6]  # uneven on purpose: all_to_all splits differ 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
 
+OPTIONS = {  # the paper's layer, and every option beyond it
+    "nothing dropped": {"capacity_factor": 4.0},
+    "many dropped": {"capacity_factor": 0.5},
+    "dropless": {"capacity_factor": None},
+    "z-loss and bias balancing": {"capacity_factor": 0.5, "z_loss_coef": 1e-2, "balance": "both"},
+    "bias balancing only": {"capacity_factor": 1.0, "balance": "bias", "bias_update_rate": 0.1},
+    "shared expert": {"capacity_factor": 0.5, "shared_experts": 1},
+    "fp32 router": {"capacity_factor": 1.0, "router_fp32": True},
+    "grouped matmul, dropless": {"capacity_factor": None, "grouped_mm": True},
+    "grouped matmul, dropping": {"capacity_factor": 0.5, "grouped_mm": True},
+}
+
+
 def whole_and_sharded_layer_agree(rank: int, world: int) -> None:
-    for capacity_factor in (4.0, 0.5):  # nothing dropped; many dropped
-        whole_and_sharded_layer_agree_at(rank, world, capacity_factor)
+    for options in OPTIONS.values():
+        whole_and_sharded_layer_agree_with(rank, world, options)
 
 
-def whole_and_sharded_layer_agree_at(rank: int, world: int, capacity_factor: float) -> None:
+def whole_and_sharded_layer_agree_with(rank: int, world: int, options: dict) -> None:
     torch.manual_seed(0)
-    whole = MoE(D, HIDDEN, EXPERTS, K, capacity_factor=capacity_factor).train()
+    whole = MoE(D, HIDDEN, EXPERTS, K, **options).train()
+    capacity_factor = options["capacity_factor"]
     counts = TOKENS_PER_RANK[:world]
     x = torch.randn(sum(counts), D)
     noise = torch.randn(sum(counts), EXPERTS)
@@ -51,22 +65,29 @@ def whole_and_sharded_layer_agree_at(rank: int, world: int, capacity_factor: flo
     torch.testing.assert_close(out.aux_loss, ref.aux_loss, **TOL)
     assert out.stats.load.tolist() == ref.stats.load.tolist()
     assert out.stats.dropped == ref.stats.dropped
-    if capacity_factor < 1:
+    if capacity_factor is None:
+        assert ref.stats.dropped == 0
+    elif capacity_factor < 1:
         assert ref.stats.dropped > 0, "the test should drop tokens"
+    if whole.expert_bias is not None:  # updated from the group's load: the same on every rank
+        assert whole.expert_bias.abs().sum() > 0
+        torch.testing.assert_close(sharded.expert_bias, whole.expert_bias, **TOL)
     per_rank = EXPERTS // world
     experts = slice(rank * per_rank, (rank + 1) * per_rank)
     for name in ("w1", "b1", "w2", "b2"):
         torch.testing.assert_close(
             getattr(sharded.experts, name).grad, getattr(whole.experts, name).grad[experts], **TOL
         )
-    for name in ("w_gate", "w_noise"):  # dense: each rank holds its tokens' share
-        grad = getattr(sharded, name).grad.clone()
-        dist.all_reduce(grad)
-        torch.testing.assert_close(grad, getattr(whole, name).grad, **TOL)
+    dense = {n: p for n, p in whole.named_parameters() if p.requires_grad and not n.startswith("experts.")}
+    for name, param in sharded.named_parameters():
+        if name in dense:  # dense: each rank holds its tokens' share
+            grad = param.grad.clone()
+            dist.all_reduce(grad)
+            torch.testing.assert_close(grad, dense[name].grad, **TOL)
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_expert_parallel_layer_equals_the_whole_layer_with_and_without_drops(world):
+def test_expert_parallel_layer_equals_the_whole_layer_with_every_moe_option(world):
     run_distributed(whole_and_sharded_layer_agree, world)
 
 

@@ -63,3 +63,12 @@ def test_token_accuracy_and_log_perplexity_skip_padding():
     targets = torch.tensor([[2, 2, 0]])  # the last position is padding
     assert M.token_accuracy(logits, targets) == pytest.approx(0.5)
     assert M.log_perplexity(logits, targets) == pytest.approx(-(math.log(0.2) + math.log(0.8)) / 2, rel=1e-5)
+
+
+def test_routing_entropy_is_one_for_an_even_spread_and_zero_for_one_expert():
+    from mm.metrics import routing_entropy
+
+    assert routing_entropy([5, 5, 5, 5]) == pytest.approx(1.0)
+    assert routing_entropy([0, 12, 0, 0]) == 0.0
+    assert 0 < routing_entropy([9, 1, 0, 0]) < routing_entropy([5, 5, 0, 0]) == pytest.approx(0.5)
+    assert routing_entropy([0, 0]) == 0.0  # nothing routed: no spread to speak of

@@ -10,7 +10,7 @@ from mm.moe import MoE, cv_squared
 
 def reference_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     """The layer computed expert by expert, token by token: no buffers, no batching."""
-    routing = moe.route(x, torch.ones(len(x), dtype=torch.bool))
+    routing, _ = moe.route(x, torch.ones(len(x), dtype=torch.bool))
     e = moe.experts
     out = torch.zeros_like(x)
     for token in range(len(x)):
@@ -91,3 +91,100 @@ def test_gradients_reach_both_gating_matrices_and_every_used_expert():
 def test_k_larger_than_experts_is_rejected():
     with pytest.raises(ValueError, match="k <= num_experts"):
         MoE(8, 8, num_experts=2, k=3)
+
+
+# ------------------------------------------------------------------------ options beyond the paper
+
+
+def test_bias_balancing_moves_a_skewed_routing_towards_even_load_without_changing_the_gates():
+    torch.manual_seed(0)
+    moe = MoE(8, 16, num_experts=4, k=1, capacity_factor=None, balance="bias", bias_update_rate=0.02)
+    moe.noisy_gating = False
+    with torch.no_grad():
+        moe.w_gate.normal_(0, 0.5)
+    moe.train()
+    x = torch.randn(256, 8) + 0.5  # shifted inputs: expert 1 wins more than half the tokens
+    before = moe(x).stats.load.float()
+    assert before.tolist() == [24, 144, 11, 77]
+    for _ in range(100):
+        after = moe(x).stats.load.float()
+    assert cv_squared(after) < 0.01 * cv_squared(before)
+    assert moe.expert_bias[1] < 0 < moe.expert_bias[2]
+    assert float(moe(x).aux_loss) == 0.0  # bias only: no balancing loss
+    # the bias picks the experts; the chosen experts' weights come from the unbiased logits
+    moe.k = 2
+    routing, clean = moe.route(x, torch.ones(256, dtype=torch.bool))
+    torch.testing.assert_close(routing.gates, torch.softmax(clean.gather(1, routing.experts), dim=-1))
+    assert not moe.expert_bias.requires_grad
+    evaluated = moe.expert_bias.clone()
+    moe.k = 1
+    moe.eval()(x)
+    assert torch.equal(moe.expert_bias, evaluated)  # only training passes move it
+
+
+def test_z_loss_is_the_squared_log_partition_of_the_router_logits():
+    moe = MoE(8, 16, num_experts=4, k=2, balance="bias", z_loss_coef=1e-3).train()
+    with torch.no_grad():
+        moe.w_gate.zero_()
+    x = torch.randn(10, 8)
+    # zero logits: logsumexp = log E for every token
+    assert float(moe(x).aux_loss) == pytest.approx(1e-3 * math.log(4) ** 2)
+    with torch.no_grad():
+        moe.w_gate.normal_(0, 3.0)
+    assert float(moe(x).aux_loss) > 1e-3 * math.log(4) ** 2  # large logits cost more
+    assert float(MoE(8, 16, 4, balance="bias").train()(x).aux_loss) == 0.0  # off by default
+
+
+def test_a_shared_expert_adds_its_output_to_every_real_token_and_nothing_to_padding():
+    torch.manual_seed(0)
+    routed = MoE(8, 16, num_experts=4, k=2, capacity_factor=None).eval()
+    shared = MoE(8, 16, num_experts=4, k=2, capacity_factor=None, shared_experts=1).eval()
+    shared.load_state_dict(routed.state_dict(), strict=False)
+    x = torch.randn(2, 5, 8)
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    difference = shared(x, mask).y - routed(x, mask).y
+    torch.testing.assert_close(difference[mask], shared.shared(x[mask]))
+    assert difference[~mask].abs().sum() == 0
+
+
+def test_dropless_routing_drops_no_token_however_skewed():
+    moe = routed_moe(num_experts=4, k=1, capacity_factor=1.0)
+    moe.capacity_factor = None
+    x = torch.eye(4)[[0] * 7 + [1]] + 0.01 * torch.randn(8, 4)
+    out = moe.train()(x)
+    assert out.stats.load.tolist() == [7, 1, 0, 0] and out.stats.dropped == 0
+    assert bool((out.y.abs().sum(1) > 0).all())
+
+
+def test_an_fp32_router_under_bf16_autocast_routes_in_fp32_and_returns_the_inputs_dtype():
+    torch.manual_seed(0)
+    moe = MoE(16, 32, num_experts=4, k=2, router_fp32=True).train()
+    x = torch.randn(12, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        routing, clean = moe.route(x, torch.ones(12, dtype=torch.bool))
+        out = moe(x)
+    assert clean.dtype == torch.float32 and routing.gates.dtype == torch.float32
+    assert out.y.dtype == x.dtype
+    out.y.float().sum().backward()
+    assert moe.w_gate.grad is not None
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 0.5])
+def test_grouped_matmul_experts_compute_what_the_padded_buffers_compute(capacity_factor):
+    torch.manual_seed(0)
+    padded = MoE(16, 32, num_experts=4, k=2, capacity_factor=capacity_factor).train()
+    grouped = MoE(16, 32, num_experts=4, k=2, capacity_factor=capacity_factor, grouped_mm=True).train()
+    grouped.load_state_dict(padded.state_dict())
+    x = torch.randn(30, 16)
+    x[:20] += 2.0  # a skewed load
+    noise = torch.randn(30, 4)
+    weights = torch.randn(30, 16)
+    outs = []
+    for moe in (padded, grouped):
+        out = moe(x, noise=noise)
+        ((out.y * weights).sum() + out.aux_loss).backward()
+        outs.append(out)
+    torch.testing.assert_close(outs[1].y, outs[0].y, atol=1e-5, rtol=1e-5)
+    assert outs[1].stats.dropped == outs[0].stats.dropped
+    for (name, a), (_, b) in zip(padded.named_parameters(), grouped.named_parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-5, msg=name)

@@ -41,6 +41,11 @@ def test_normalised_scores_and_their_mean_over_tasks():
     scores = scores_by_task(flat)
     assert scores == {"de": {"bleu": 20.0}, "img": {"accuracy": 0.6, "top5": 0.9}}
     assert aggregate_score(scores, {"de": "bleu", "img": "accuracy"}) == pytest.approx((0.2 + 0.6) / 2)
+    # a task that could not be scored is left out of the mean, not counted as 0
+    primary = {"de": "bleu", "img": "accuracy"}
+    assert aggregate_score({"img": {"accuracy": 0.6}}, primary) == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="no task of de, img was scored: there is no aggregate"):
+        aggregate_score({"de": {"log_ppl": 2.0}}, primary)
 
 
 def test_trial_parameters_reach_the_config_and_are_validated_again():

@@ -112,15 +112,18 @@ def test_a_killed_worker_restarts_and_the_run_replays_the_uninterrupted_runs_los
     two_worker_run, shards, tmp_path
 ):
     config = kill_test_config(shards, tmp_path, steps=STEPS, max_failures=2)
-    killed: list[int] = []
+    killed: list[tuple[int, float]] = []
     killer = threading.Thread(target=kill_a_worker_after_step, args=(config, 10, killed), daemon=True)
     killer.start()
     result = train(config)
     killer.join(timeout=1)
     assert killed, "no worker was killed"
     assert result.metrics["step"] == STEPS
-    resumed = history(result, "train/resumed_at_step")
-    assert resumed and 10 <= resumed[0][1] < STEPS
+    (resumed,) = client(result.tracking_uri).get_metric_history(result.run_id, "train/resumed_at_step")
+    assert 10 <= resumed.value < STEPS
+    recovery = resumed.timestamp / 1000 - killed[0][1]
+    print(f"worker killed; resumed at step {resumed.value:.0f} {recovery:.1f} s later")
+    assert 0 < recovery < 120
     uninterrupted = two_worker_run[0]
     for task in ("reverse", "patches"):
         losses = history(result, f"train/{task}/loss")
@@ -162,16 +165,16 @@ def kill_test_config(shards: Path, tmp: Path, steps: int, max_failures: int):
     return job_config(shards, tmp, steps=steps, train=CHECKPOINTED, cluster={"max_failures": max_failures})
 
 
-def kill_a_worker_after_step(config, step: int, killed: list[int]) -> None:
+def kill_a_worker_after_step(config, step: int, killed: list[tuple[int, float]]) -> None:
     """SIGKILL one Ray Train worker once rank 0 has logged `step` (it logs a step's metrics once
-    the checkpoint covering it is registered); the pid goes into `killed`."""
+    the checkpoint covering it is registered); the pid and the time go into `killed`."""
     deadline = time.time() + 240
     while time.time() < deadline:
         if committed_steps(config) >= step:
             workers = processes_named("RayTrainWorker")
             if workers:
                 os.kill(workers[-1], signal.SIGKILL)
-                killed.append(workers[-1])
+                killed.append((workers[-1], time.time()))
                 return
         time.sleep(0.2)
 
@@ -397,6 +400,9 @@ def test_report_of_a_run_has_metrics_beside_chance_and_input_blind_curves_routin
     patches = summary["tasks"]["patches"]
     assert patches["input_blind"] == blind["patches"]["accuracy"] and patches["chance"] == 0.25
     assert patches["learned"] in (True, False) and summary["training"]["mfu"] == training["mfu"]
+    entropy = summary["routing_entropy"]
+    assert set(entropy) == {"reverse", "patches"} and all(0 < h <= 1 for hs in entropy.values() for h in hs)
+    assert "routing entropy, MoE layer 1" in text
 
 
 def test_workers_min_max_maps_to_elastic_scaling(shards, tmp_path):

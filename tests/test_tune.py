@@ -201,6 +201,17 @@ def test_bad_sweep_inputs_fail_clearly(tmp_path):
         resolve_tracking_uri(closed)
 
 
+def test_a_sweep_over_a_task_without_a_dev_split_is_refused_before_any_trial(tmp_path):
+    import shutil
+
+    from mm.shards import ShardError
+
+    write_shards(tmp_path / "shards")
+    shutil.rmtree(tmp_path / "shards" / "reverse" / "dev")  # its objective would read 0
+    with pytest.raises(ShardError, match="task 'reverse' has no 'dev' split to evaluate on"):
+        sweep(parse_config(config_dict(tmp_path / "shards", tmp_path)))
+
+
 def test_population_based_training_runs_trials_in_segments_and_keeps_the_mixing_schedule(ray_local, tmp_path):
     write_shards(tmp_path / "shards")
     raw = config_dict(tmp_path / "shards", tmp_path, steps=6, train={"eval_every": 3})

@@ -11,7 +11,7 @@ from typing import Any
 
 from cluster.tracking import client
 from mm.config import Config
-from mm.metrics import LEARNED_MARGIN, bracket_scores, learned, parse_tree
+from mm.metrics import LEARNED_MARGIN, bracket_scores, learned, parse_tree, routing_entropy
 from tune.plots import eval_curves, learning_curves, routing_heatmap
 
 
@@ -74,9 +74,9 @@ def write_report(
     learning_curves(history, list(primary)).savefig(folder / "learning_curves.png", dpi=110)
     eval_curves(history, primary).savefig(folder / "dev_metrics.png", dpi=110)
     routing_file = client(tracking_uri).download_artifacts(run_id, "routing.json", str(folder))
-    routing_heatmap(json.loads(Path(routing_file).read_text())).savefig(
-        folder / "expert_routing.png", dpi=110
-    )
+    routing = json.loads(Path(routing_file).read_text())
+    routing_heatmap(routing).savefig(folder / "expert_routing.png", dpi=110)
+    entropy = {task: [routing_entropy(layer) for layer in layers] for task, layers in routing.items()}
 
     lines = [
         f"# {config.name}: joint training report",
@@ -150,16 +150,35 @@ def write_report(
         "",
         "## Which experts each task routes to",
         "Share of each task's tokens sent to each expert over training, per MoE layer.",
+        "Routing entropy: of a task's shares over the experts, ÷ log(experts); 1 is an even",
+        "spread, 0 one expert for every token.",
         "",
         "![expert routing](expert_routing.png)",
+        "",
+        *_entropy_table(entropy),
         "",
     ]
     report = folder / "report.md"
     report.write_text("\n".join(lines))
-    summary = {"run_id": run_id, "tasks": summary_tasks, "training": training, "timings": timings}
+    summary = {
+        "run_id": run_id,
+        "tasks": summary_tasks,
+        "training": training,
+        "timings": timings,
+        "routing_entropy": entropy,
+    }
     (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     client(tracking_uri).log_artifacts(run_id, str(folder), "report")
     return report
+
+
+def _entropy_table(entropy: dict[str, list[float]]) -> list[str]:
+    layers = max((len(hs) for hs in entropy.values()), default=0)
+    header = " | ".join(f"routing entropy, MoE layer {i + 1}" for i in range(layers))
+    rows = [
+        f"| {task} | " + " | ".join(f"{h:.2f}" for h in hs) + " |" for task, hs in sorted(entropy.items())
+    ]
+    return [f"| task | {header} |", "| --- |" + " ---: |" * layers, *rows]
 
 
 def _cell(text: str) -> str:

@@ -170,6 +170,15 @@ def ablation(config: Config, sizes: dict[str, int]) -> Study:
         Arm("all blocks", tasks, steps),
         Arm("no MoE", tasks, steps, {"model.use_moe": False}),
         Arm("no attention", tasks, steps, {"model.decoder_attention": False}),
+        # the MoE layer beyond the paper's gating (mm/moe.py), each against "all blocks"
+        Arm(
+            "z-loss + bias balancing",
+            tasks,
+            steps,
+            {"model.moe.z_loss_coef": 1e-3, "model.moe.balance": "both"},
+        ),
+        Arm("dropless", tasks, steps, {"model.moe.capacity_factor": None}),
+        Arm("shared expert", tasks, steps, {"model.moe.shared_experts": 1}),
     )
     comparisons = tuple(Comparison("all blocks", arm.name, tasks) for arm in arms[1:])
     return Study("ablation", arms, comparisons)
