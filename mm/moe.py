@@ -295,10 +295,10 @@ def run_experts_grouped(experts: Experts, rows: Tensor, local_expert: Tensor) ->
     # autocast, as the padded path's batched matmuls get (CUDA's kernel wants bf16)
     device = rows.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else rows.dtype
-    hidden = F.grouped_mm(rows[order].to(dtype), experts.w1.to(dtype), offs=offsets) + experts.b1[
-        which, 0
-    ].to(dtype)
-    out = F.grouped_mm(F.relu(hidden), experts.w2.to(dtype), offs=offsets) + experts.b2[which, 0].to(dtype)
+    w1, b1 = experts.w1.to(dtype), experts.b1[which, 0].to(dtype)
+    w2, b2 = experts.w2.to(dtype), experts.b2[which, 0].to(dtype)
+    hidden = F.relu(F.grouped_mm(rows[order].to(dtype), w1, offs=offsets) + b1)
+    out = F.grouped_mm(hidden, w2, offs=offsets) + b2
     return torch.empty_like(out).index_copy(0, order, out).to(rows.dtype)  # in the rows' order
 
 
