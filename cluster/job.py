@@ -62,7 +62,9 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", include_dashboard=True)
+        # "local": Ray's default would join the cluster that the last `ray start` on this machine
+        # recorded in /tmp/ray, and hang on it if that cluster is gone
+        ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", include_dashboard=True)
 
 
 def check_resources(config: Config) -> None:

@@ -105,8 +105,8 @@ def ensure_ray(address: str | None = None) -> None:
         return
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address)
-    else:
-        ray.init(include_dashboard=False)
+    else:  # "local", not the default: that joins the last `ray start` cluster, even a dead one
+        ray.init(address="local", include_dashboard=False)
 
 
 def follow_vocabulary(config: Config, vocab: Vocabulary, log: Log) -> None:

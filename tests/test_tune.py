@@ -110,8 +110,8 @@ def test_a_crashing_trial_is_reported_and_the_sweep_goes_on(swept):
 def test_trials_that_tune_stops_give_their_cpus_back(swept, ray_local):
     """ASHA stops each trial at its last report, killing its Ray Train controller: Ray Train's
     cleaner (which needs the dashboard's state API) must then free the workers' CPUs, or the
-    next trials wait forever on a small machine."""
-    deadline = time.time() + 60
+    next trials wait forever on a small machine. The cleaner is slow on a loaded machine."""
+    deadline = time.time() + 180
     while time.time() < deadline:
         held = [pg for pg in ray_local.util.placement_group_table().values() if pg["state"] == "CREATED"]
         if not held:
@@ -241,11 +241,11 @@ def test_population_based_training_runs_trials_in_segments_and_keeps_the_mixing_
         resumed = mlflow.get_metric_history(trial.run_id, "train/resumed_at_step")
         assert [m.value for m in resumed] == [3.0]  # its second segment, not the other trial's
     assert len({t.run_id for t in result.trials}) == 2
-    # synchronous PBT: the worse trial continued from the better one's step-3 checkpoint, so its
-    # schedule starts with the better one's weights
-    kept, copied = sorted(result.trials, key=lambda t: len(pbt_schedule(t.checkpoint)))
-    assert len(pbt_schedule(kept.checkpoint)) == 1 and len(pbt_schedule(copied.checkpoint)) == 2
-    assert pbt_schedule(copied.checkpoint)[0] == pbt_schedule(kept.checkpoint)[0]
+    # synchronous PBT: the worse trial continued from the better one's step-3 checkpoint, so both
+    # schedules start with the better one's weights. The copy's perturbed weights add a phase at
+    # step 3, unless PBT scaled every weight by the same factor: that mixes the tasks as before.
+    kept, copied = sorted((pbt_schedule(t.checkpoint) for t in result.trials), key=len)
+    assert copied[0] == kept[0] and [len(kept), len(copied)] in ([1, 1], [1, 2])
     assert result.best is not None and Path(result.best.checkpoint).is_dir()
     # the best trial's schedule replays as a mixing strategy
     schedule = pbt_schedule(result.best.checkpoint)
