@@ -28,6 +28,12 @@ def _entry(rank: int, world: int, port: int, fn, args) -> None:
 
 
 def run_distributed(fn, world: int, *args) -> None:
-    """`fn(rank, world, *args)` on `world` processes; an exception in any fails the caller."""
+    """`fn(rank, world, *args)` on `world` processes; an exception in any fails the caller.
+
+    The processes are forked, as DataLoader workers are: they start with torch and the test's
+    modules already imported (spawning re-imports them, seconds per process on 2 cores), and
+    each sets one thread before any torch op, which keeps OpenMP fork-safe."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True)
+    mp.start_processes(
+        _entry, args=(world, free_port(), fn, args), nprocs=world, join=True, start_method="fork"
+    )

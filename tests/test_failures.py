@@ -142,7 +142,7 @@ def test_an_exception_on_a_training_worker_ends_mm_train_in_one_line(tmp_path, d
     config.write_text(yaml.safe_dump(config_dict(shards, tmp_path, steps=4)))
     env = {**broken_import_in_ray_workers(tmp_path / "site", "cluster.worker"), **dead_ray_recorded}
     result = subprocess.run(
-        [str(MM), "train", str(config), "-o", "cluster.max_failures=0"],
+        [str(MM), "train", str(config), "-o", "cluster.max_failures=0", "-o", "cluster.workers=1"],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400,
     )  # fmt: skip
     last, log = one_line_and_log(result, "train")

@@ -69,6 +69,7 @@ def swept(ray_local, mlflow_server, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sweep")
     write_shards(tmp / "shards")
     raw = config_dict(tmp / "shards", tmp, steps=6, train={"eval_every": 3})
+    raw["cluster"]["workers"] = 1  # the sweep is what is tested here; 2 cores run 2 trials at once
     raw["mlflow"] = {"tracking_uri": mlflow_server, "model_name": "tiny-mm"}
     # a grid of 3 trials; capacity -1 is invalid, so that trial crashes and the sweep goes on
     raw["tune"] = {
