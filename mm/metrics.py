@@ -217,8 +217,10 @@ def normalized(metric: str, value: float, reference: float | None = None) -> flo
     return (value - worst) / (best - worst)
 
 
-# "Learned" means beating both floors, chance and input-blind, by this much of the metric's
-# range: 0.02 accuracy, 2 BLEU or bracket-F1 points, 0.02 WER.
+# ------------------------------------------------------------------------------------- routing
+# `routing`: {task: per MoE layer, the tokens each expert took}, as a run's routing.json has it.
+
+
 def routing_entropy(counts: Sequence[int]) -> float:
     """How evenly a task's tokens spread over one layer's experts: the entropy of its shares
     over log(experts), 1 for an even spread, 0 when every token goes to one expert."""
@@ -229,6 +231,54 @@ def routing_entropy(counts: Sequence[int]) -> float:
     return -sum(p * math.log(p) for p in shares) / math.log(len(counts))
 
 
+def load_cv(routing: dict[str, list[list[int]]]) -> float:
+    """Load balance: the coefficient of variation (std / mean) of the tokens each expert took,
+    every task together, averaged over the MoE layers. 0 is a perfectly even load."""
+    cvs = []
+    for loads in _layer_totals(routing):
+        mean = sum(loads) / len(loads)
+        if mean > 0:
+            cvs.append(math.sqrt(sum((n - mean) ** 2 for n in loads) / len(loads)) / mean)
+    return sum(cvs) / len(cvs) if cvs else 0.0
+
+
+def _layer_totals(routing: dict[str, list[list[int]]]) -> list[list[int]]:
+    layers = max((len(per_task) for per_task in routing.values()), default=0)
+    totals = []
+    for layer in range(layers):
+        counts = [per_task[layer] for per_task in routing.values() if layer < len(per_task)]
+        totals.append([sum(column) for column in zip(*counts, strict=True)])
+    return totals
+
+
+def routing_overlap(a: Sequence[int], b: Sequence[int]) -> float:
+    """How far two tasks use the same experts of one layer: the intersection of their shares,
+    1 for the same spread, 0 for disjoint experts."""
+    total_a, total_b = sum(a), sum(b)
+    if total_a <= 0 or total_b <= 0:
+        return 0.0
+    return sum(min(x / total_a, y / total_b) for x, y in zip(a, b, strict=True))
+
+
+def expert_sharing(routing: dict[str, list[list[int]]], modality: dict[str, str]) -> dict[str, float | None]:
+    """The mean routing overlap (over layers) of pairs of tasks with the same input modality,
+    and of pairs with different ones; None where no such pair was routed. Tasks of a modality
+    share experts when the first is the higher."""
+    pairs: dict[str, list[float]] = {"same_modality": [], "other_modality": []}
+    tasks = sorted(routing)
+    for i, a in enumerate(tasks):
+        for b in tasks[i + 1 :]:
+            layers = list(zip(routing[a], routing[b], strict=False))
+            if not layers:
+                continue
+            overlap = sum(routing_overlap(x, y) for x, y in layers) / len(layers)
+            kind = "same_modality" if modality.get(a) == modality.get(b) else "other_modality"
+            pairs[kind].append(overlap)
+    return {kind: sum(v) / len(v) if v else None for kind, v in pairs.items()}
+
+
+# "Learned" means beating both floors, chance and input-blind, by this much of the metric's
+# range: 0.02 accuracy, 2 BLEU or bracket-F1 points, 0.02 WER.
 LEARNED_MARGIN = 0.02
 
 

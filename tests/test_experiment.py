@@ -88,15 +88,20 @@ def test_mixing_arms_replay_the_tuned_ratios_and_the_pbt_schedule(tmp_path):
 def test_the_report_compares_the_aggregate_objective_of_arms_that_train_the_same_tasks(tmp_path):
     study = mixing(tiny(tmp_path), SIZES)
     runs = [
-        RunResult(arm, seed, {"reverse": {"bleu": bleu}, "patches": {"accuracy": 0.5}}, None, None, objective)
-        for arm, seed, bleu, objective in [
-            ("uniform", 0, 10.0, 0.30),
-            ("uniform", 1, 12.0, 0.31),
-            ("temperature 2", 0, 14.0, 0.32),
-            ("temperature 2", 1, 11.0, 0.30),
+        RunResult(
+            arm, seed, {"reverse": {"bleu": bleu}, "patches": {"accuracy": 0.5}}, None, None, objective, moe
+        )
+        for arm, seed, bleu, objective, moe in [
+            ("uniform", 0, 10.0, 0.30, moe_health(0.1, 0.2, same=None, other=0.6)),
+            ("uniform", 1, 12.0, 0.31, moe_health(0.3, 0.4, same=None, other=0.8)),
+            ("temperature 2", 0, 14.0, 0.32, {}),  # its MoE layers unknown: left out of that table
+            ("temperature 2", 1, 11.0, 0.30, {}),
         ]
     ]
     text = write_study_report(tmp_path / "report", study, runs, [0, 1], "micro", None).read_text()
+    # MoE layers: mean ± std over the seeds; no pair of tasks of the same modality: —
+    assert "| uniform | 0.200 ± 0.141 | 0.300 ± 0.141 | 0.050 ± 0.000 | — | 0.700 ± 0.141 |" in text
+    assert "| temperature 2 |" not in text.split("## MoE layers")[1].split("##")[0]
     # objective: uniform 0.305 ± 0.007, temperature 0.310 ± 0.014, differences +0.02 and -0.01
     assert "| all | objective ↑ | 0.305 ± 0.007 | 0.310 ± 0.014 | +0.005 ± 0.021 (50% same sign) |" in text
     assert "| reverse | bleu ↑ | 11.000 ± 1.414 | 12.500 ± 2.121 | +1.500 ± 3.536 (50% same sign) |" in text
@@ -107,6 +112,30 @@ def test_the_report_compares_the_aggregate_objective_of_arms_that_train_the_same
     assert "| tuned ratios | 40 | reverse, patches | mixing weights reverse 0.75, patches 0.25 |" in text
     assert (
         "mixing schedule from step 0: reverse 0.50, patches 0.50; from step 20: reverse 0.90, patches 0.10"
+        in text
+    )
+
+
+def moe_health(dropped: float, cv: float, same: float | None, other: float | None) -> dict:
+    return {
+        "dropped_fraction": dropped,
+        "load_cv": cv,
+        "step_seconds": 0.05,
+        "same_modality": same,
+        "other_modality": other,
+    }
+
+
+def test_the_report_says_whether_tasks_of_one_modality_share_experts(tmp_path):
+    study = mixing(tiny(tmp_path), SIZES)
+    runs = [
+        RunResult("uniform", 0, {}, None, None, None, moe_health(0.0, 0.1, same=0.9, other=0.4)),
+        RunResult("temperature 2", 0, {}, None, None, None, moe_health(0.0, 0.1, same=0.3, other=0.5)),
+    ]
+    text = write_study_report(tmp_path / "report", study, runs, [0], "micro", None).read_text()
+    assert "- uniform: tasks of one modality share experts more than tasks of different ones" in text
+    assert (
+        "- temperature 2: tasks of one modality do not share experts more than tasks of different ones"
         in text
     )
 
@@ -149,11 +178,18 @@ def test_a_micro_study_trains_every_arm_and_writes_the_report_under_one_mlflow_p
     for run in result.runs:
         assert {"bleu", "log_ppl", "token_accuracy"} <= set(run.scores["reverse"])
     assert "patches" in next(r for r in result.runs if r.arm == "reverse + patches").scores
+    for run in result.runs:  # its MoE layers, from the run's metrics and routing.json
+        assert (
+            0 <= run.moe["dropped_fraction"] < 1 and run.moe["load_cv"] >= 0 and run.moe["step_seconds"] > 0
+        )
+    joint = next(r for r in result.runs if r.arm == "reverse + patches")
+    assert 0 <= joint.moe["other_modality"] <= 1 and joint.moe["same_modality"] is None  # text and image
 
     text = result.report.read_text()
     assert "| task | metric | reverse alone | reverse + patches | reverse + patches − reverse alone |" in text
     for metric in ("bleu ↑", "log_ppl ↓", "token_accuracy ↑"):
         assert f"| reverse | {metric} |" in text
+    assert "## MoE layers" in text and "| reverse alone | " in text.split("## MoE layers")[1]
     assert (tmp_path / "report" / "transfer.png").stat().st_size > 0
     assert not [p for p in (tmp_path / "runs").iterdir() if " " in p.name]  # one folder per run
 

@@ -72,3 +72,30 @@ def test_routing_entropy_is_one_for_an_even_spread_and_zero_for_one_expert():
     assert routing_entropy([0, 12, 0, 0]) == 0.0
     assert 0 < routing_entropy([9, 1, 0, 0]) < routing_entropy([5, 5, 0, 0]) == pytest.approx(0.5)
     assert routing_entropy([0, 0]) == 0.0  # nothing routed: no spread to speak of
+
+
+def test_load_cv_is_zero_for_an_even_load_over_all_tasks_and_grows_with_skew():
+    # each task alone is skewed, but together the experts take the same load
+    assert M.load_cv({"a": [[4, 0]], "b": [[0, 4]]}) == 0.0
+    assert M.load_cv({"a": [[3, 1], [2, 2]]}) == pytest.approx((0.5 + 0.0) / 2)  # std 1 / mean 2; even
+    assert M.load_cv({"a": [[8, 0, 0, 0]]}) > M.load_cv({"a": [[4, 4, 0, 0]]}) > 0
+    assert M.load_cv({}) == 0.0
+
+
+def test_routing_overlap_and_which_modality_shares_experts():
+    assert M.routing_overlap([2, 2, 0, 0], [1, 1, 0, 0]) == pytest.approx(1.0)  # same shares
+    assert M.routing_overlap([3, 0], [0, 5]) == 0.0
+    assert M.routing_overlap([3, 1], [1, 3]) == pytest.approx(0.5)
+    routing = {  # two image tasks on experts 0-1, the text task on experts 2-3
+        "mnist": [[5, 5, 0, 0]],
+        "coco": [[4, 6, 0, 0]],
+        "wmt": [[0, 0, 5, 5]],
+    }
+    modality = {"mnist": "image", "coco": "image", "wmt": "text"}
+    sharing = M.expert_sharing(routing, modality)
+    assert sharing["same_modality"] == pytest.approx(0.9)  # min(.5,.4) + min(.5,.6)
+    assert sharing["other_modality"] == 0.0
+    assert M.expert_sharing({"wmt": [[1, 1]]}, {"wmt": "text"}) == {
+        "same_modality": None,
+        "other_modality": None,
+    }

@@ -17,8 +17,9 @@ the test splits) is reported beside the task metrics.
 from __future__ import annotations
 
 import json
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,9 @@ from cluster.data import check_shards, load_manifests
 from cluster.job import connect, train
 from cluster.tracking import client, resolve_tracking_uri, start_run
 from mm.config import Config, parse_config
+from mm.metrics import expert_sharing, load_cv
 from mm.shards import VOCAB
+from mm.tasks import kind_of
 from mm.vocab import Vocabulary
 from tune.studies import Study, arm_config, expand, mixing, sized
 from tune.study_report import write_study_report
@@ -41,6 +44,7 @@ class RunResult:
     run_id: str | None
     error: str | None = None
     objective: float | None = None  # the sweep's aggregate of the primary metrics, test split
+    moe: dict[str, float | None] = field(default_factory=dict)  # see `moe_health`
 
 
 @dataclass
@@ -140,7 +144,29 @@ def run_arm(params: dict[str, Any], base: dict[str, Any], study: Study, parent_r
             mlflow.log_metric(result.run_id, f"test/{task}/{metric}", value)
     mlflow.log_metric(result.run_id, "test/objective", objective)
     mlflow.set_tag(result.run_id, "mm.arm", arm.name)
-    tune.report({"scores": json.dumps(scores), "objective": objective, "mlflow_run_id": result.run_id})
+    moe = json.dumps(moe_health(config, result))
+    tune.report(
+        {"scores": json.dumps(scores), "objective": objective, "mlflow_run_id": result.run_id, "moe": moe}
+    )
+
+
+def moe_health(config: Config, result) -> dict[str, float | None]:
+    """How a run's MoE layers were used: the mean share of routed tokens dropped over capacity,
+    the CV of the experts' load, the steady-state step time, and the routing overlap of tasks
+    with the same input modality beside that of tasks with different ones (`expert_sharing`)."""
+    mlflow = client(result.tracking_uri)
+    dropped = [m.value for m in mlflow.get_metric_history(result.run_id, "moe/dropped_fraction")]
+    with tempfile.TemporaryDirectory() as folder:
+        routing = json.loads(
+            Path(mlflow.download_artifacts(result.run_id, "routing.json", folder)).read_text()
+        )
+    modality = {task.name: kind_of(task.kind).input_modality for task in config.tasks}
+    return {
+        "dropped_fraction": sum(dropped) / len(dropped) if dropped else None,
+        "load_cv": load_cv(routing),
+        "step_seconds": result.metrics.get("perf/step_seconds"),
+        **expert_sharing(routing, modality),
+    }
 
 
 def _run_of(result) -> RunResult:
@@ -148,7 +174,10 @@ def _run_of(result) -> RunResult:
     error = None if result.error is None else str(result.error).strip()[-600:]
     scores = json.loads(metrics["scores"]) if "scores" in metrics else {}
     run_id, objective = metrics.get("mlflow_run_id"), metrics.get("objective")
-    return RunResult(params.get("arm", "?"), int(params.get("seed", -1)), scores, run_id, error, objective)
+    moe = json.loads(metrics["moe"]) if "moe" in metrics else {}
+    return RunResult(
+        params.get("arm", "?"), int(params.get("seed", -1)), scores, run_id, error, objective, moe
+    )
 
 
 def _tuned_weights(config: Config, study: Study, parent: str, log) -> dict[str, float]:

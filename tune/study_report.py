@@ -29,6 +29,7 @@ def write_study_report(
         "",
     ]
     lines += arms_table(study)
+    lines += moe_table(study, runs)
     for comparison in study.comparisons:
         lines += comparison_table(comparison, runs)
     lines += runs_table(study, runs)
@@ -82,6 +83,45 @@ def arms_table(study: Study) -> list[str]:
                 changes.append(f"{key}={value}")
         lines.append(f"| {arm.name} | {arm.steps} | {', '.join(arm.tasks)} | {'<br>'.join(changes) or '—'} |")
     return [*lines, ""]
+
+
+MOE_COLUMNS = {  # RunResult.moe key: column heading
+    "dropped_fraction": "dropped fraction ↓",
+    "load_cv": "CV of load ↓",
+    "step_seconds": "step time (s) ↓",
+    "same_modality": "routing overlap, same modality",
+    "other_modality": "routing overlap, other modalities",
+}
+
+
+def moe_table(study: Study, runs) -> list[str]:
+    """Per arm, mean ± std over seeds of how its MoE layers were used (`moe_health`), and
+    whether tasks of one input modality share experts more than tasks of different ones."""
+    lines = ["## MoE layers", "", "| arm | " + " | ".join(MOE_COLUMNS.values()) + " |"]
+    lines.append("|---" * (len(MOE_COLUMNS) + 1) + "|")
+    shared = []
+    for arm in study.arms:
+        done = [r for r in runs if r.arm == arm.name and not r.error and r.moe]
+        if not done:
+            continue
+        cells = []
+        for key in MOE_COLUMNS:
+            values = [r.moe[key] for r in done if r.moe.get(key) is not None]
+            cells.append(str(summarize(values)) if values else "—")
+        lines.append(f"| {arm.name} | " + " | ".join(cells) + " |")
+        same, other = (_mean([r.moe.get(k) for r in done]) for k in ("same_modality", "other_modality"))
+        if same is not None and other is not None:
+            verdict = "share experts more" if same > other else "do not share experts more"
+            shared.append(f"{arm.name}: tasks of one modality {verdict} than tasks of different ones")
+    if len(lines) == 3:
+        return []  # no run reported its MoE layers (every run failed)
+    notes = "Routing overlap: the intersection of two tasks' shares of each layer's experts (1: same spread)."
+    return [*lines, "", notes, *(f"- {line}" for line in shared), ""]
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
 
 
 def _weights(weights: dict[str, float]) -> str:
