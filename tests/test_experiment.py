@@ -138,6 +138,10 @@ def test_the_report_says_whether_tasks_of_one_modality_share_experts(tmp_path):
         "- temperature 2: tasks of one modality do not share experts more than tasks of different ones"
         in text
     )
+    # a model without MoE layers has a step time and nothing else
+    runs[1].moe = {"step_seconds": 0.04}
+    text = write_study_report(tmp_path / "report", study, runs, [0], "micro", None).read_text()
+    assert "| temperature 2 | — | — | 0.040 | — | — |" in text and "- temperature 2:" not in text
 
 
 def test_a_study_naming_a_task_the_config_lacks_fails_before_any_run(tmp_path):

@@ -160,11 +160,14 @@ def moe_health(config: Config, result) -> dict[str, float | None]:
         routing = json.loads(
             Path(mlflow.download_artifacts(result.run_id, "routing.json", folder)).read_text()
         )
+    step_seconds = result.metrics.get("perf/step_seconds")
+    if not any(routing.values()):  # a model without MoE layers (the "no MoE" arm): nothing routed
+        return {"step_seconds": step_seconds}
     modality = {task.name: kind_of(task.kind).input_modality for task in config.tasks}
     return {
         "dropped_fraction": sum(dropped) / len(dropped) if dropped else None,
         "load_cv": load_cv(routing),
-        "step_seconds": result.metrics.get("perf/step_seconds"),
+        "step_seconds": step_seconds,
         **expert_sharing(routing, modality),
     }
 
