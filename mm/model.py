@@ -281,8 +281,8 @@ class MultiModel(nn.Module):
         return greedy_search(step, DecodeState(), first, max_len, EOS, **options)
 
     def _next_token(self, tokens: Tensor, state: DecodeState, source: Tensor, source_mask: Tensor) -> Tensor:
-        new = tokens.unsqueeze(1)
-        hidden, _, _ = self.decode(new, torch.ones_like(new, dtype=torch.bool), source, source_mask, state)
+        # no target mask: every position of a hypothesis is real (None skips the masking kernels)
+        hidden, _, _ = self.decode(tokens.unsqueeze(1), None, source, source_mask, state)
         return self.text_out(hidden[:, -1]).log_softmax(-1)
 
     def _next_token_recomputed(self, tokens, state: DecodeState, source, source_mask) -> Tensor:
@@ -291,7 +291,7 @@ class MultiModel(nn.Module):
             tokens.unsqueeze(1) if "prefix" not in cache else torch.cat([cache["prefix"], tokens[:, None]], 1)
         )
         cache["prefix"] = prefix
-        hidden, _, _ = self.decode(prefix, torch.ones_like(prefix, dtype=torch.bool), source, source_mask)
+        hidden, _, _ = self.decode(prefix, None, source, source_mask)
         return self.text_out(hidden[:, -1]).log_softmax(-1)
 
 

@@ -1,11 +1,13 @@
 """The MultiModel's parts and the whole: shapes, padding, causality, decoding, learning."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from mm.batch import Batch, pad_sequences
-from mm.layers import AttentionBlock, ConvBlock, ConvStep, DecodeState, SeparableConv
+from mm.layers import AttentionBlock, ConvBlock, ConvStep, DecodeState, SeparableConv, timing_signal
 from mm.modalities import AudioInput, ClassOutput, ImageInput, TextInput
 from mm.model import MultiModel, training_flops
 from mm.synthetic import VOCAB_SIZE, SyntheticData
@@ -145,11 +147,22 @@ def test_incremental_decoding_matches_full_recompute_step_by_step(model, tasks, 
         state, steps = DecodeState(), []
         for i in range(prefix.shape[1]):
             token = prefix[:, i : i + 1]
-            hidden, _, _ = model.decode(
-                token, torch.ones_like(token, dtype=torch.bool), source, source_mask, state
-            )
+            # no target mask, as generate decodes: every position of a hypothesis is real
+            hidden, _, _ = model.decode(token, None, source, source_mask, state)
             steps.append(hidden)
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_timing_signal_rows_are_the_same_wherever_decoding_asks_for_them():
+    whole = timing_signal(40, 96)
+    assert torch.equal(timing_signal(1, 96, offset=17), whole[17:18])  # one token at a time
+    torch.testing.assert_close(timing_signal(3, 96, offset=5000)[0], timing_signal(5001, 96)[5000])
+    half, p, i = 48, 7, 3  # sin then cos of position / 1e4^(i / (half - 1))
+    angle = p / 1e4 ** (i / (half - 1))
+    assert float(whole[p, i]) == pytest.approx(math.sin(angle), abs=1e-6)
+    assert float(whole[p, half + i]) == pytest.approx(math.cos(angle), abs=1e-6)
+    assert timing_signal(4, 7).shape == (4, 7)  # an odd width ends in a zero channel
+    assert float(timing_signal(4, 7)[:, -1].abs().sum()) == 0.0
 
 
 @pytest.mark.parametrize("beam", [1, 3])
