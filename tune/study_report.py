@@ -109,19 +109,17 @@ def moe_table(study: Study, runs) -> list[str]:
             values = [r.moe[key] for r in done if r.moe.get(key) is not None]
             cells.append(str(summarize(values)) if values else "—")
         lines.append(f"| {arm.name} | " + " | ".join(cells) + " |")
-        same, other = (_mean([r.moe.get(k) for r in done]) for k in ("same_modality", "other_modality"))
-        if same is not None and other is not None:
-            verdict = "share experts more" if same > other else "do not share experts more"
+        same, other = (
+            summarize([r.moe[k] for r in done if r.moe.get(k) is not None])
+            for k in ("same_modality", "other_modality")
+        )
+        if same.n and other.n:
+            verdict = "share experts more" if same.mean > other.mean else "do not share experts more"
             shared.append(f"{arm.name}: tasks of one modality {verdict} than tasks of different ones")
     if len(lines) == 3:
         return []  # no run reported its MoE layers (every run failed)
     notes = "Routing overlap: the intersection of two tasks' shares of each layer's experts (1: same spread)."
     return [*lines, "", notes, *(f"- {line}" for line in shared), ""]
-
-
-def _mean(values) -> float | None:
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
 
 
 def _weights(weights: dict[str, float]) -> str:

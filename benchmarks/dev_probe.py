@@ -1,0 +1,104 @@
+"""A quick learning probe: train a config's tasks in one process for N steps, score dev.
+
+For comparing levers (mixing ratios, learning rate, model options) at a fraction of a Ray Train
+run's cost: no Ray, one process at `--threads` threads, batches of each task's `batch_size`
+(so half the demo's global batch, which has two workers), the config's task sampler, and the
+same dev evaluation as the training run's (`train.eval_examples` rows, constrained tree
+decoding). Compare two settings with the same steps and seed; the demo's own figures come from
+`make demo`. Needs the starter shards (`make demo`, or `mm starter && mm prepare CONFIG`).
+
+Prints one JSON line per evaluation: the step, training seconds, how many steps each task got,
+and every dev metric.
+
+    python -m benchmarks.dev_probe --steps 1400 --eval-at 700 -o tasks.ptb.mix_weight=0.8
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import emit
+from cluster.data import EVAL_SPLIT, evaluation_batches, load_manifests, parquet_stream, read_rows
+from mm.build import task_specs
+from mm.config import load_config
+from mm.evaluate import decoding_constraint, evaluate_task
+from mm.model import MultiModel
+from mm.shards import VOCAB, part_files
+from mm.train import Trainer
+from mm.vocab import Vocabulary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/starter.yaml")
+    parser.add_argument("--steps", type=int, default=1400)
+    parser.add_argument("--eval-at", default="", help="comma-separated steps to score dev at (and the last)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("-o", "--override", action="append", default=[], help="config override a.b=value")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    config = load_config(args.config, [f"train.steps={args.steps}", *args.override])
+    vocab = Vocabulary.load(Path(config.data.shards) / VOCAB)
+    manifests = load_manifests(config)
+    specs = task_specs(config, vocab, manifests)
+    streams = {
+        s.name: parquet_stream(
+            s,
+            part_files(config.data.shards, s.name, "train"),
+            config.task(s.name).batch_size,
+            config.train.batch_by == "tokens",
+            config.task(s.name).max_input_length,
+        )
+        for s in specs
+    }
+    dev = {
+        s.name: evaluation_batches(
+            s,
+            read_rows(config.data.shards, s.name, EVAL_SPLIT, config.train.eval_examples),
+            0,
+            1,
+            config.task(s.name).batch_size,
+        )
+        for s in specs
+    }
+    torch.manual_seed(config.seed)
+    model = MultiModel(config.model, specs, vocab.size)
+    trainer = Trainer(model, config, {n: m.rows("train") for n, m in manifests.items()})
+    scored_at = {int(step) for step in args.eval_at.split(",") if step} | {args.steps}
+    train_seconds, steps_per_task = 0.0, {s.name: 0 for s in specs}
+    while trainer.step < args.steps:
+        started = time.perf_counter()
+        log = trainer.train_step(lambda task: next(streams[task]))
+        train_seconds += time.perf_counter() - started
+        steps_per_task[log.task] += 1
+        if trainer.step in scored_at:
+            scores = {}
+            for name, batches in dev.items():
+                task = config.task(name)
+                scores[name] = evaluate_task(
+                    model,
+                    name,
+                    batches,
+                    task.metrics,
+                    detokenize=vocab.decode,
+                    max_len=task.max_target_length,
+                    constraint=decoding_constraint(task, vocab.pieces),
+                )
+            emit(
+                {
+                    "benchmark": "dev_probe",
+                    "step": trainer.step,
+                    "train_seconds": train_seconds,
+                    "threads": args.threads,
+                    "steps_per_task": dict(steps_per_task),
+                    "dev": scores,
+                }
+            )
+
+
+if __name__ == "__main__":
+    main()
