@@ -11,6 +11,7 @@ Prints one JSON line per evaluation: the step, training seconds, how many steps 
 and every dev metric.
 
     python -m benchmarks.dev_probe --steps 1400 --eval-at 700 -o tasks.ptb.mix_weight=0.8
+    python -m benchmarks.dev_probe --tasks librispeech --steps 400 -o model.ctc_weight=0.3
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from mm.model import MultiModel
 from mm.shards import VOCAB, part_files
 from mm.train import Trainer
 from mm.vocab import Vocabulary
+from tune.studies import Arm, arm_config
 
 
 def main() -> None:
@@ -38,10 +40,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1400)
     parser.add_argument("--eval-at", default="", help="comma-separated steps to score dev at (and the last)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tasks", default="", help="comma-separated tasks to train alone (default: all)")
     parser.add_argument("-o", "--override", action="append", default=[], help="config override a.b=value")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = load_config(args.config, [f"train.steps={args.steps}", *args.override])
+    if args.tasks:  # as the joint-vs-single study's single-task arms
+        config = arm_config(config, Arm("probe", tuple(args.tasks.split(",")), args.steps), config.seed)
     vocab = Vocabulary.load(Path(config.data.shards) / VOCAB)
     manifests = load_manifests(config)
     specs = task_specs(config, vocab, manifests)
