@@ -1,4 +1,5 @@
-"""Shared by the benchmark scripts: timing and the one JSON line each prints."""
+"""Shared by the benchmark scripts: timing, the one JSON line each prints, and the starter's
+training batches read without Ray."""
 
 from __future__ import annotations
 
@@ -41,3 +42,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def train_streams(config, specs) -> dict:
+    """Each task's training batches straight from its shards (no Ray), batched and truncated as
+    the config says: what the Ray Train workers get, for loops in one process."""
+    from cluster.data import parquet_stream
+    from mm.shards import part_files
+
+    return {
+        s.name: parquet_stream(
+            s,
+            part_files(config.data.shards, s.name, "train"),
+            config.task(s.name).batch_size,
+            config.train.batch_by == "tokens",
+            config.task(s.name).max_input_length,
+        )
+        for s in specs
+    }

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import emit
-from cluster.data import EVAL_SPLIT, evaluation_batches, load_manifests, parquet_stream, read_rows
+from benchmarks.common import emit, train_streams
+from cluster.data import EVAL_SPLIT, evaluation_batches, load_manifests, read_rows
 from mm.build import task_specs
 from mm.config import load_config
 from mm.evaluate import decoding_constraint, evaluate_task
 from mm.model import MultiModel
-from mm.shards import VOCAB, part_files
+from mm.shards import VOCAB
 from mm.train import Trainer
 from mm.vocab import Vocabulary
 from tune.studies import Arm, arm_config
@@ -50,16 +50,7 @@ def main() -> None:
     vocab = Vocabulary.load(Path(config.data.shards) / VOCAB)
     manifests = load_manifests(config)
     specs = task_specs(config, vocab, manifests)
-    streams = {
-        s.name: parquet_stream(
-            s,
-            part_files(config.data.shards, s.name, "train"),
-            config.task(s.name).batch_size,
-            config.train.batch_by == "tokens",
-            config.task(s.name).max_input_length,
-        )
-        for s in specs
-    }
+    streams = train_streams(config, specs)
     dev = {
         s.name: evaluation_batches(
             s,

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import emit
-from cluster.data import load_manifests, parquet_stream
+from benchmarks.common import emit, train_streams
+from cluster.data import load_manifests
 from mm.build import task_specs
 from mm.config import load_config
 from mm.model import MultiModel, matmul_peak_gflops, training_flops
-from mm.shards import VOCAB, part_files
+from mm.shards import VOCAB
 from mm.train import Trainer
 from mm.vocab import Vocabulary
 
@@ -60,16 +60,7 @@ def main() -> None:
     vocab = Vocabulary.load(Path(config.data.shards) / VOCAB)
     manifests = load_manifests(config)
     specs = task_specs(config, vocab, manifests)
-    streams = {
-        s.name: parquet_stream(
-            s,
-            part_files(config.data.shards, s.name, "train"),
-            config.task(s.name).batch_size,
-            config.train.batch_by == "tokens",
-            config.task(s.name).max_input_length,
-        )
-        for s in specs
-    }
+    streams = train_streams(config, specs)
     torch.manual_seed(config.seed)
     model = MultiModel(config.model, specs, vocab.size).to(args.device)
     trainer = Trainer(model, config, {n: m.rows("train") for n, m in manifests.items()}, device=args.device)

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import emit
-from cluster.data import load_manifests, parquet_stream
+from benchmarks.common import emit, train_streams
+from cluster.data import load_manifests
 from cluster.job import connect, train
 from mm.build import task_specs
 from mm.config import load_config
 from mm.model import MultiModel
-from mm.shards import VOCAB, part_files
+from mm.shards import VOCAB
 from mm.train import Trainer, fit
 from mm.vocab import Vocabulary
 
@@ -54,12 +54,7 @@ def plain_step_seconds(config) -> float:
         config,
         {n: m.rows("train") for n, m in manifests.items()},
     )
-    streams = {
-        s.name: parquet_stream(
-            s, part_files(config.data.shards, s.name, "train"), config.task(s.name).batch_size, False
-        )
-        for s in specs
-    }
+    streams = train_streams(config, specs)
     seconds: list[float] = []
     fit(trainer, lambda task: next(streams[task]), on_step=lambda log: seconds.append(log.seconds))
     return statistics.median(seconds[len(seconds) // 5 :])
