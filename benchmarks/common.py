@@ -1,4 +1,4 @@
-"""Shared by the benchmark scripts: timing, the one JSON line each prints, and the starter's
+"""Shared by the benchmark scripts: timing, the one JSON line each prints, and a config's
 training batches read without Ray."""
 
 from __future__ import annotations
@@ -8,6 +8,12 @@ import socket
 import statistics
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cluster.data import TaskStream
+    from mm.config import Config
+    from mm.tasks import TaskSpec
 
 
 def seconds(fn: Callable[[], object]) -> float:
@@ -44,7 +50,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_streams(config, specs) -> dict:
+def train_streams(config: Config, specs: list[TaskSpec]) -> dict[str, TaskStream]:
     """Each task's training batches straight from its shards (no Ray), batched and truncated as
     the config says: what the Ray Train workers get, for loops in one process."""
     from cluster.data import parquet_stream
