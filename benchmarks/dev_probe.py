@@ -26,7 +26,7 @@ from benchmarks.common import emit, train_streams
 from cluster.data import EVAL_SPLIT, evaluation_batches, load_manifests, read_rows
 from mm.build import task_specs
 from mm.config import load_config
-from mm.evaluate import decoding_constraint, evaluate_task
+from mm.evaluate import score_task
 from mm.model import MultiModel
 from mm.shards import VOCAB
 from mm.train import Trainer
@@ -72,18 +72,7 @@ def main() -> None:
         train_seconds += time.perf_counter() - started
         steps_per_task[log.task] += 1
         if trainer.step in scored_at:
-            scores = {}
-            for name, batches in dev.items():
-                task = config.task(name)
-                scores[name] = evaluate_task(
-                    model,
-                    name,
-                    batches,
-                    task.metrics,
-                    detokenize=vocab.decode,
-                    max_len=task.max_target_length,
-                    constraint=decoding_constraint(task, vocab.pieces),
-                )
+            scores = {name: score_task(model, config.task(name), b, vocab) for name, b in dev.items()}
             emit(
                 {
                     "benchmark": "dev_probe",

@@ -22,7 +22,7 @@ from cluster.tracking import MetricsBuffer
 from mm.build import task_specs
 from mm.checkpoint import load_checkpoint, read_stream_positions, save_checkpoint, save_stream_positions
 from mm.config import Config, parse_config
-from mm.evaluate import decoding_constraint, evaluate_task
+from mm.evaluate import score_task
 from mm.metrics import aggregate_score, scores_by_task
 from mm.model import MultiModel, matmul_peak_gflops
 from mm.parallel import DataExpertParallel, SingleProcess
@@ -225,16 +225,7 @@ class _Run:
         scores = {}
         for name, batches in self.dev.items():
             task = self.config.task(name)
-            result = evaluate_task(
-                self.trainer.model,
-                name,
-                batches,
-                task.metrics,
-                detokenize=self.vocab.decode,
-                max_len=task.max_target_length,
-                parallel=self.trainer.parallel,
-                constraint=decoding_constraint(task, self.vocab.pieces),
-            )
+            result = score_task(self.trainer.model, task, batches, self.vocab, parallel=self.trainer.parallel)
             scores.update({f"eval/{name}/{metric}": value for metric, value in result.items()})
         if self.metrics is not None:
             self.metrics.add(step, scores)

@@ -28,6 +28,7 @@ from mm.config import TaskConfig
 from mm.decoding import Constraint, TreeConstraint
 from mm.model import MultiModel
 from mm.parallel import Parallel, SingleProcess
+from mm.vocab import Vocabulary
 
 DECODED_METRICS = {"bleu", "wer", "bracket_f1", "exact_match", "well_formed"}
 
@@ -72,6 +73,31 @@ def decoding_constraint(task: TaskConfig, pieces: list[str]) -> Constraint | Non
     if task.kind == "constituency_parsing" and task.constrained_decoding and TreeConstraint.usable(pieces):
         return TreeConstraint(pieces, EOS)
     return None
+
+
+def score_task(
+    model: MultiModel,
+    task: TaskConfig,
+    batches: Iterable[Batch],
+    vocab: Vocabulary,
+    beam: int = 1,
+    parallel: Parallel | None = None,
+    blind: bool = False,
+) -> dict[str, float]:
+    """`evaluate_task` as the task's config asks: its metrics, its longest output, its decoding
+    constraint, decoded to text with the vocabulary."""
+    return evaluate_task(
+        model,
+        task.name,
+        batches,
+        task.metrics,
+        vocab.decode,
+        task.max_target_length,
+        beam,
+        parallel,
+        decoding_constraint(task, vocab.pieces),
+        blind,
+    )
 
 
 def blank_inputs(batch: Batch, modality: str) -> Batch:

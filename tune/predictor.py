@@ -20,7 +20,7 @@ from cluster.data import evaluation_batches, read_rows
 from mm.batch import Batch, pad_sequences
 from mm.checkpoint import load_checkpoint, read_config, read_tasks, read_vocab
 from mm.config import Config, parse_config
-from mm.evaluate import decoding_constraint, evaluate_task
+from mm.evaluate import decoding_constraint, score_task
 from mm.metrics import aggregate_score
 from mm.model import MultiModel
 from mm.tasks import TaskSpec
@@ -121,17 +121,7 @@ class Predictor:
             task = self.config.task(name)
             rows = read_rows(root, name, split, limit)
             batches = evaluation_batches(spec, rows, 0, 1, task.batch_size)
-            scores[name] = evaluate_task(
-                self.model,
-                name,
-                batches,
-                task.metrics,
-                self.vocab.decode,
-                task.max_target_length,
-                self.beam,
-                constraint=decoding_constraint(task, self.vocab.pieces),
-                blind=blind,
-            )
+            scores[name] = score_task(self.model, task, batches, self.vocab, self.beam, blind=blind)
         return scores
 
     def decoded_examples(self, task: str, split: str = "dev", count: int = 3) -> list[dict[str, str]]:
