@@ -25,7 +25,7 @@ import torch
 from benchmarks.common import emit, train_streams
 from cluster.data import EVAL_SPLIT, evaluation_batches, load_manifests, read_rows
 from mm.build import task_specs
-from mm.config import load_config
+from mm.config import ConfigError, load_config
 from mm.evaluate import score_task
 from mm.model import MultiModel
 from mm.shards import VOCAB
@@ -44,9 +44,16 @@ def main() -> None:
     parser.add_argument("-o", "--override", action="append", default=[], help="config override a.b=value")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    config = load_config(args.config, [f"train.steps={args.steps}", *args.override])
+    try:
+        config = load_config(args.config, [f"train.steps={args.steps}", *args.override])
+    except ConfigError as error:
+        parser.error(str(error))
     if args.tasks:  # as the joint-vs-single study's single-task arms
-        config = arm_config(config, Arm("probe", tuple(args.tasks.split(",")), args.steps), config.seed)
+        tasks = tuple(args.tasks.split(","))
+        if unknown := sorted(set(tasks) - set(config.task_names)):
+            known = ", ".join(config.task_names)
+            parser.error(f"--tasks: {', '.join(unknown)} not in {args.config} ({known})")
+        config = arm_config(config, Arm("probe", tasks, args.steps), config.seed)
     vocab = Vocabulary.load(Path(config.data.shards) / VOCAB)
     manifests = load_manifests(config)
     specs = task_specs(config, vocab, manifests)
