@@ -47,7 +47,7 @@ lock: $(UV)
 TEST_DEBS := openssh-server rsync
 
 debian: $(INSTALLED)
-	@if [ "$$(id -u)" = 0 ]; then $(PY) -m pipelines.starter --packages-only; fi
+	@if [ "$$(id -u)" = 0 ]; then $(VENV)/bin/mm starter --packages-only; fi
 
 test-debian: debian
 	@if [ "$$(id -u)" = 0 ] && ! dpkg -s $(TEST_DEBS) >/dev/null 2>&1; then \

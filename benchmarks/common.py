@@ -4,15 +4,14 @@ training batches read without Ray."""
 from __future__ import annotations
 
 import json
-import socket
 import statistics
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from cluster.data import TaskStream
     from mm.config import Config
+    from mm.reader import TaskStream
     from mm.tasks import TaskSpec
 
 
@@ -43,17 +42,10 @@ def emit(result: dict) -> None:
     print(json.dumps(result), flush=True)
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 nobody listens on now (for a process group's rendezvous)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def train_streams(config: Config, specs: list[TaskSpec]) -> dict[str, TaskStream]:
     """Each task's training batches straight from its shards (no Ray), batched and truncated as
     the config says: what the Ray Train workers get, for loops in one process."""
-    from cluster.data import parquet_stream
+    from mm.reader import parquet_stream
     from mm.shards import part_files
 
     return {

@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import emit, train_streams
-from cluster.data import EVAL_SPLIT, evaluation_batches, load_manifests, read_rows
 from mm.build import task_specs
 from mm.config import ConfigError, load_config
 from mm.evaluate import score_task
 from mm.model import MultiModel
+from mm.reader import EVAL_SPLIT, evaluation_batches, load_manifests, read_rows
 from mm.shards import VOCAB
 from mm.train import Trainer
 from mm.vocab import Vocabulary

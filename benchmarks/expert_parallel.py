@@ -18,8 +18,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from benchmarks.common import emit, free_port, seconds
+from benchmarks.common import emit, seconds
 from mm.moe import MoE
+from mm.parallel import free_port
 
 D, HIDDEN, EXPERTS, K, TOKENS, REPEATS = 256, 1024, 8, 2, 8192, 11
 

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import emit, train_streams
-from cluster.data import load_manifests
 from mm.build import task_specs
 from mm.config import load_config
 from mm.model import MultiModel, matmul_peak_gflops, training_flops
+from mm.reader import load_manifests
 from mm.shards import VOCAB
 from mm.train import Trainer
 from mm.vocab import Vocabulary

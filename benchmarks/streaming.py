@@ -16,7 +16,8 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.common import emit
-from cluster.job import connect, train
+from cluster.job import train
+from cluster.session import connect
 from mm.config import load_config
 
 

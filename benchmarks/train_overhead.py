@@ -19,11 +19,12 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import emit, train_streams
-from cluster.data import load_manifests
-from cluster.job import connect, train
+from cluster.job import train
+from cluster.session import connect
 from mm.build import task_specs
 from mm.config import load_config
 from mm.model import MultiModel
+from mm.reader import load_manifests
 from mm.shards import VOCAB
 from mm.train import Trainer, fit
 from mm.vocab import Vocabulary

@@ -1,59 +1,20 @@
-"""Shards into training batches: Ray Datasets for the driver, endless per-task batch streams
-for the workers, and small evaluation slices.
-
-The driver opens one Ray Dataset per task (`train_datasets`); Ray Train splits each across the
-workers (`ray.train.get_dataset_shard(task)`); a worker turns its share into an endless stream
-of `Batch`es, epoch after epoch (`TaskStream`). Batches hold `batch_size` examples, or with
-`train.batch_by: tokens` as many examples as fit `batch_size` tokens (padded length x rows).
+"""Shards into Ray Datasets for training: the driver opens one per task (`train_datasets`), Ray
+Train splits each across the workers (`ray.train.get_dataset_shard(task)`), and a worker turns
+its share into an endless stream of batches (`ray_stream`, a `mm.reader.TaskStream`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow.parquet as pq
-
-from mm.batch import Batch
 from mm.config import Config
-from mm.shards import COLUMNS, Manifest, ShardError, collate, load_manifest, part_files
+from mm.reader import TaskStream
+from mm.shards import part_files
 from mm.tasks import TaskSpec
 from mm.train import derived_seed
-from mm.vocab import Vocabulary
 
-Rows = dict[str, np.ndarray]
 IN_MEMORY_GROWTH = 3  # decoded Arrow blocks vs compressed parquet, roughly
 STORE_SHARE = 0.3  # of the object store the training sets may hold when read up front
-EVAL_SPLIT = "dev"  # what training evaluates on, and so what model selection sees
-
-
-def load_manifests(config: Config) -> dict[str, Manifest]:
-    """Every configured task's manifest; a task without shards is an error naming it."""
-    return {task.name: load_manifest(config.data.shards, task.name) for task in config.tasks}
-
-
-def check_shards(config: Config, vocab: Vocabulary, manifests: Mapping[str, Manifest]) -> None:
-    """Shards must exist for the training split and the evaluation split, and be made with
-    this vocabulary. Training evaluates on `dev`: a task without one would score zeros."""
-    for task in config.tasks:
-        manifest = manifests[task.name]
-        if manifest.rows("train") == 0 or not part_files(config.data.shards, task.name, "train"):
-            raise ShardError(
-                f"task {task.name!r} has no training shards under {config.data.shards}/{task.name}"
-            )
-        if manifest.rows(EVAL_SPLIT) == 0 or not part_files(config.data.shards, task.name, EVAL_SPLIT):
-            raise ShardError(
-                f"task {task.name!r} has no {EVAL_SPLIT!r} split to evaluate on (its splits: "
-                f"{', '.join(sorted(manifest.splits)) or 'none'}); name its held-out split "
-                f"{EVAL_SPLIT!r} in corpus.splits, e.g. splits: {{train: ..., {EVAL_SPLIT}: val}}"
-            )
-        if manifest.vocab_sha256 != vocab.sha256:
-            raise ShardError(
-                f"task {task.name!r}: shards were made with vocabulary {manifest.vocab_sha256[:12]}, "
-                f"not {vocab.sha256[:12]} ({config.data.shards}/vocab.model); run `mm prepare` again"
-            )
 
 
 def train_datasets(config: Config) -> dict[str, Any]:
@@ -90,98 +51,6 @@ def reads_up_front(read: str, on_disk: int, store: float) -> bool:
     return IN_MEMORY_GROWTH * on_disk < STORE_SHARE * store
 
 
-class TaskStream:
-    """Endless batches of one task, one epoch after another. `epochs(n)` gives a fresh
-    iterator over the row batches of epoch n (a Ray DataIterator shard, or parquet files).
-
-    Its position is state (`state_dict`): the epoch, the row batches taken from it, and the
-    rows of the last one already given out (token batches cut row batches). A stream loaded
-    with that state re-reads the epoch up to the same point, so a resumed run sees the
-    batches the interrupted one would have seen, provided each epoch's order depends only on
-    the epoch (fixed shuffle seeds, an order-preserving split)."""
-
-    def __init__(
-        self, spec: TaskSpec, epochs, batch_size: int, by_tokens: bool, max_input: int | None = None
-    ):
-        self.spec, self.epochs = spec, epochs
-        self.batch_size, self.by_tokens, self.max_input = batch_size, by_tokens, max_input
-        self.rows: Iterator[Rows] = iter(())
-        self.epoch = -1  # none started yet
-        self.chunks = 0  # row batches taken from this epoch
-        self.pending: Rows | None = None  # the last row batch, while token batches cut it
-        self.used = 0  # its rows already given out
-
-    def __next__(self) -> Batch:
-        return collate(self.spec, self._take_rows(), self.max_input)
-
-    def _take_rows(self) -> Rows:
-        if not self.by_tokens:
-            return self._next_chunk()
-        if self.pending is None:
-            self.pending, self.used = self._next_chunk(), 0
-        rest = _slice(self.pending, self.used, None)
-        take = rows_within_token_budget(rest, self.batch_size)
-        self.used += take
-        if self.used >= _length(self.pending):
-            self.pending = None
-        return _slice(rest, 0, take)
-
-    def _next_chunk(self) -> Rows:
-        for _ in range(2):  # the current epoch, else one fresh epoch
-            chunk = next(self.rows, None)
-            if chunk is not None and _length(chunk):
-                self.chunks += 1
-                return chunk
-            self._start_epoch(self.epoch + 1)
-        raise ShardError(f"task {self.spec.name!r}: its training data yields no rows")
-
-    def _start_epoch(self, epoch: int) -> None:
-        self.epoch, self.chunks = epoch, 0
-        self.rows = iter(self.epochs(epoch))
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "chunks": self.chunks, "used": self.used if self.pending else 0}
-
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
-        """Re-read epoch `state["epoch"]` up to where the saved stream was."""
-        self.pending, self.used = None, 0
-        if state["epoch"] < 0:
-            self.epoch, self.chunks, self.rows = -1, 0, iter(())
-            return
-        self._start_epoch(state["epoch"])
-        for _ in range(state["chunks"]):
-            chunk = self._next_chunk()
-        if state["used"]:
-            self.pending, self.used = chunk, state["used"]
-
-    def start_at_epoch(self, epoch: int) -> None:
-        """Begin `epoch` afresh (a resumed run whose worker group changed size: the rows are
-        split another way, so no saved position applies)."""
-        self.pending, self.used = None, 0
-        self._start_epoch(epoch)
-
-
-def rows_within_token_budget(rows: Rows, budget: int) -> int:
-    """How many leading rows fit `budget` tokens once padded to the longest (at least one)."""
-    lengths = [
-        max(len(i), len(t) if hasattr(t, "__len__") else 1) for i, t in zip(rows["inputs"], rows["targets"])
-    ]
-    longest = 0
-    for n, length in enumerate(lengths, start=1):
-        longest = max(longest, length)
-        if n * longest > budget:
-            return max(n - 1, 1)
-    return len(lengths)
-
-
-def _length(rows: Rows) -> int:
-    return len(rows["id"])
-
-
-def _slice(rows: Rows, start: int, stop: int | None) -> Rows:
-    return {key: value[start:stop] for key, value in rows.items()}
-
-
 def ray_stream(
     spec: TaskSpec, shard, batch_size: int, by_tokens: bool, max_input: int | None, seed: int
 ) -> TaskStream:
@@ -200,59 +69,3 @@ def ray_stream(
         )
 
     return TaskStream(spec, epochs, batch_size, by_tokens, max_input)
-
-
-def parquet_stream(
-    spec: TaskSpec, files: list[Path], batch_size: int, by_tokens: bool, max_input: int | None = None
-):
-    """The same stream read straight from parquet, in a plain process (no Ray)."""
-    fetch = 256 if by_tokens else batch_size
-
-    def epochs(epoch: int):  # in file order, every epoch
-        for path in files:
-            for record_batch in pq.ParquetFile(path).iter_batches(batch_size=fetch, columns=list(COLUMNS)):
-                yield {name: _objects(values) for name, values in record_batch.to_pydict().items()}
-
-    return TaskStream(spec, epochs, batch_size, by_tokens, max_input)
-
-
-def read_rows(root: str | Path, task: str, split: str, limit: int) -> Rows:
-    """`limit` rows spread evenly over a split (its files keep the corpus order, often sorted
-    by class or speaker: the first rows would be a biased sample)."""
-    files = part_files(root, task, split)
-    sizes = [pq.ParquetFile(path).metadata.num_rows for path in files]
-    total = sum(sizes)
-    if not total:  # scoring nothing would read as a score of 0 (or a perfect WER)
-        folder = Path(root) / task
-        held = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
-        what = "has no rows" if files else "does not exist"
-        raise ShardError(
-            f"task {task!r}: split {split!r} {what} under {folder} "
-            f"(splits there: {', '.join(held) or 'none'})"
-        )
-    wanted = np.unique(np.linspace(0, total - 1, min(limit, total)).round().astype(int)) if total else []
-    taken: dict[str, list] = {name: [] for name in COLUMNS}
-    start = 0
-    for path, size in zip(files, sizes, strict=True):
-        local = [int(i) - start for i in wanted if start <= i < start + size]
-        if local:
-            for name, values in pq.read_table(path, columns=list(COLUMNS)).take(local).to_pydict().items():
-                taken[name].extend(values)
-        start += size
-    return {name: _objects(values) for name, values in taken.items()}
-
-
-def _objects(values: list) -> np.ndarray:
-    out = np.empty(len(values), dtype=object)
-    out[:] = values
-    return out
-
-
-def evaluation_batches(spec: TaskSpec, rows: Rows, rank: int, world: int, batch_size: int) -> list[Batch]:
-    """This rank's share of an evaluation set, cut so every rank has the same number of
-    batches (the MoE layers exchange tokens at every forward pass)."""
-    per_rank = _length(rows) // world
-    mine = _slice(rows, rank * per_rank, (rank + 1) * per_rank)
-    return [
-        collate(spec, _slice(mine, start, start + batch_size)) for start in range(0, per_rank, batch_size)
-    ]

@@ -10,23 +10,17 @@ on every worker, restarts the group from its latest checkpoint after a failure
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cluster.data import check_shards, load_manifests, train_datasets
-from cluster.tracking import client, resolve_tracking_uri, start_metrics_sink, start_run
-from mm.checkpoint import CheckpointError, read_run_record, read_vocab, verify_checkpoint
+from cluster.data import train_datasets
+from cluster.session import JobError, preflight
+from cluster.tracking import client, start_metrics_sink, start_run
+from mm.checkpoint import CheckpointError, read_run_record, verify_checkpoint
 from mm.config import Config
-from mm.shards import VOCAB
-from mm.vocab import Vocabulary
-
-
-class JobError(RuntimeError):
-    pass
 
 
 class TrainingFailed(RuntimeError):
@@ -46,25 +40,6 @@ class TrainingResult:
     checkpoint: Path | None
     metrics: dict[str, Any]
     seconds: float
-
-
-def connect(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join the cluster at `address` (or RAY_ADDRESS), else start a local Ray whose dashboard
-    listens on 127.0.0.1 only. The dashboard is on because Ray Train frees the CPUs of a run
-    whose controller was killed (Tune stopping a trial) through its state API: without it,
-    every trial that ASHA or PBT stops keeps its workers' CPUs reserved, and a 2-CPU machine
-    runs out after two."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        # "local": Ray's default would join the cluster that the last `ray start` on this machine
-        # recorded in /tmp/ray, and hang on it if that cluster is gone
-        ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", include_dashboard=True)
 
 
 def check_resources(config: Config) -> None:
@@ -98,19 +73,6 @@ def scaling_config(config: Config):
     )
 
 
-def check_checkpoint(checkpoint: Path, vocab: Vocabulary) -> None:
-    """The checkpoint to resume: whole (every file's sha256) and made with this vocabulary."""
-    if not checkpoint.is_dir():
-        raise JobError(f"--resume {checkpoint}: no such checkpoint directory")
-    verify_checkpoint(checkpoint)
-    saved = read_vocab(checkpoint)
-    if saved is not None and Vocabulary(saved).sha256 != vocab.sha256:
-        raise CheckpointError(
-            f"{checkpoint} was trained with another vocabulary than {VOCAB} of the shards; "
-            "resume with the shards it was trained on"
-        )
-
-
 def train(
     config: Config,
     address: str | None = None,
@@ -127,15 +89,9 @@ def train(
     from ray.train.torch import TorchTrainer
 
     started = time.time()
-    config = config.resolved()  # workers run in other directories
-    vocab = Vocabulary.load(Path(config.data.shards) / VOCAB)
-    manifests = load_manifests(config)
-    check_shards(config, vocab, manifests)
-    if resume is not None:
-        check_checkpoint(Path(resume), vocab)
-    connect(address)
+    ready = preflight(config, address, resume)
+    config, vocab, manifests, uri = ready.config, ready.vocab, ready.manifests, ready.tracking_uri
     check_resources(config)
-    uri = resolve_tracking_uri(config.mlflow.tracking_uri)
     run_id = run_id or start_run(uri, config, run_name, parent_run_id, lineage_tags(resume))
 
     cluster = config.cluster

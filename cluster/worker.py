@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cluster.data import EVAL_SPLIT, TaskStream, evaluation_batches, ray_stream, read_rows
+from cluster.data import ray_stream
 from cluster.tracking import MetricsBuffer
 from mm.build import task_specs
 from mm.checkpoint import load_checkpoint, read_stream_positions, save_checkpoint, save_stream_positions
@@ -26,6 +26,7 @@ from mm.evaluate import score_task
 from mm.metrics import aggregate_score, scores_by_task
 from mm.model import MultiModel, matmul_peak_gflops
 from mm.parallel import DataExpertParallel, SingleProcess
+from mm.reader import EVAL_SPLIT, TaskStream, evaluation_batches, read_rows
 from mm.shards import Manifest
 from mm.train import StepLog, Trainer, fit
 from mm.vocab import Vocabulary
@@ -275,7 +276,7 @@ class _Run:
         if not self.latest_eval:
             return {}
         scores = scores_by_task(self.latest_eval)
-        primary = {task.name: task.metrics[0] for task in self.config.tasks}
+        primary = self.config.primary_metrics()
         return {"objective": aggregate_score(scores, primary, self.config.tune.reference)}
 
     def _timing(self) -> dict[str, float]:

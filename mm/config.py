@@ -376,6 +376,13 @@ class Config(Section):
                 return task
         raise KeyError(f"config {self.name!r} has no task {name!r}; it has {', '.join(self.task_names)}")
 
+    def primary_metric(self, task: str) -> str:
+        """The metric a task is judged by (model selection, aggregates, reports): its first."""
+        return self.task(task).metrics[0]
+
+    def primary_metrics(self) -> dict[str, str]:
+        return {task.name: self.primary_metric(task.name) for task in self.tasks}
+
     @property
     def task_names(self) -> list[str]:
         return [t.name for t in self.tasks]

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from mm.layers import DecodeState
+from mm.trees import TAG
 
 Step = Callable[[Tensor, DecodeState], Tensor]
 # Whether every process is done, given whether this one is. Expert-parallel ranks must take the
@@ -174,7 +175,7 @@ class TreeConstraint:
 
     OPEN, CLOSE = re.compile(r"^▁\((\S+)$"), re.compile(r"^▁\)(\S+)$")
 
-    def __init__(self, pieces: list[str], eos: int, leaf: str = "▁XX"):
+    def __init__(self, pieces: list[str], eos: int, leaf: str = f"▁{TAG}"):
         labels: dict[str, int] = {}
         self.open_label = torch.full((len(pieces),), -1)
         self.close_label = torch.full((len(pieces),), -1)
@@ -192,7 +193,7 @@ class TreeConstraint:
     @classmethod
     def usable(cls, pieces: list[str]) -> bool:
         """Whether the vocabulary has the whole-piece tree symbols this needs."""
-        return "▁XX" in pieces and any(cls.OPEN.match(p) for p in pieces)
+        return f"▁{TAG}" in pieces and any(cls.OPEN.match(p) for p in pieces)
 
     def start(self, inputs: Tensor, copies: int = 1) -> TreeConstraint:
         """One tree per row of `inputs` (token ids, 0 = padding), each repeated `copies` times

@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 
 from mm import metrics as M
 from mm.batch import EOS, LOG_MEL_FLOOR, Batch
@@ -144,20 +143,14 @@ def _score_text(
     references: list = []
     decode = bool(DECODED_METRICS & set(metric_names))
     for batch in batches:
-        logits = model(batch).logits.float()
-        targets = batch.targets
-        real = targets != 0
-        nll += float(
-            F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=0, reduction="sum")
-        )
-        correct += float(((logits.argmax(-1) == targets) & real).sum())
-        tokens += float(real.sum())
+        counts = M.teacher_forced_counts(model(batch).logits, batch.targets)
+        nll, correct, tokens = (total + part for total, part in zip((nll, correct, tokens), counts))
         if decode:
             outputs = model.generate(
                 batch, max_len=max_len, beam=beam, all_done=parallel.all_done, constraint=constraint
             )
             hypotheses += [detokenize(ids) for ids in outputs]
-            references += batch.references or [detokenize(_strip(row)) for row in targets.tolist()]
+            references += batch.references or [detokenize(_strip(row)) for row in batch.targets.tolist()]
     nll, correct, tokens = parallel.sum([nll, correct, tokens])
     _require_examples(task, tokens)
     scores = {"log_ppl": nll / tokens, "token_accuracy": correct / tokens}

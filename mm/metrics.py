@@ -9,16 +9,15 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import jiwer
 import sacrebleu
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mm.trees import TAG, Tree, parse, tokens
+
 LOWER_IS_BETTER = {"wer", "log_ppl"}
-TAG = "XX"  # every part-of-speech tag of a linearised parse tree (Vinyals et al. 2015)
 
 
 def higher_is_better(metric: str) -> bool:
@@ -41,15 +40,26 @@ def top_k_accuracy(top_classes: Tensor, targets: Tensor, k: int = 5) -> float:
 # ------------------------------------------------------------------------------------- text, forced
 
 
-def token_accuracy(logits: Tensor, targets: Tensor) -> float:
-    """Share of real target tokens (id != 0) the model ranks first under teacher forcing."""
+def teacher_forced_counts(logits: Tensor, targets: Tensor) -> tuple[float, float, float]:
+    """(summed negative log-likelihood, tokens ranked first, real tokens) of a batch under
+    teacher forcing, padding (id 0) left out: the sums a whole split's log-perplexity and
+    token accuracy are made of (no label smoothing)."""
     real = targets != 0
-    return float(((logits.argmax(-1) == targets) & real).sum() / real.sum().clamp(min=1))
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=0, reduction="sum")
+    correct = ((logits.argmax(-1) == targets) & real).sum()
+    return float(nll), float(correct), float(real.sum())
+
+
+def token_accuracy(logits: Tensor, targets: Tensor) -> float:
+    """Share of real target tokens the model ranks first under teacher forcing."""
+    _, correct, tokens = teacher_forced_counts(logits, targets)
+    return correct / max(tokens, 1)
 
 
 def log_perplexity(logits: Tensor, targets: Tensor) -> float:
-    """Mean negative log-likelihood per real target token (no label smoothing)."""
-    return float(F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=0))
+    """Mean negative log-likelihood per real target token."""
+    nll, _, tokens = teacher_forced_counts(logits, targets)
+    return nll / max(tokens, 1)
 
 
 # ------------------------------------------------------------------------------------ text, decoded
@@ -77,53 +87,25 @@ def wer(hypotheses: Sequence[str], references: Sequence[str]) -> float:
 # ------------------------------------------------------------------------------------------- trees
 
 
-def tree_tokens(tree: str) -> list[str]:
-    return tree.replace("(", " (").replace(")", " )").split()
-
-
-@dataclass
-class Node:
-    label: str
-    children: list[Node | str] = field(default_factory=list)
-
-
-def parse_tree(tree: str) -> list[Node | str]:
-    """The top-level nodes of a bracketed tree. Accepts `(S (NP XX XX ) )` and Vinyals'
-    labelled closers `)S`; tolerates unbalanced brackets (a model's output may be malformed)."""
-    stack = [Node("")]
-    for token in tree_tokens(tree):
-        if token.startswith("(") and len(token) > 1:
-            node = Node(token[1:])
-            stack[-1].children.append(node)
-            stack.append(node)
-        elif token.startswith(")"):
-            if len(stack) > 1:
-                stack.pop()
-        else:
-            stack[-1].children.append(token)
-    return stack[0].children
-
-
 def labeled_spans(tree: str) -> Counter[tuple[str, int, int]]:
     """(label, first leaf, end leaf) of every constituent; preterminals are left out, as evalb
     does: a tag over one word (`(DT The)`, `(XX The)`). In Vinyals' form the leaves are the XX
     tags themselves, so `(NP XX )NP` is a real one-word constituent."""
     spans: Counter[tuple[str, int, int]] = Counter()
 
-    def walk(node: Node | str, start: int) -> int:
+    def walk(node: Tree | str, start: int) -> int:
         if isinstance(node, str):
             return start + 1
         end = start
         for child in node.children:
             end = walk(child, end)
-        over_one_word = len(node.children) == 1 and isinstance(node.children[0], str)
-        is_preterminal = node.label == TAG or (over_one_word and node.children[0] != TAG)
+        is_preterminal = node.label == TAG or (node.is_preterminal and node.children[0] != TAG)
         if not is_preterminal and end > start:
             spans[(node.label, start, end)] += 1
         return end
 
     position = 0
-    for node in parse_tree(tree):
+    for node in parse(tree):
         position = walk(node, position)
     return spans
 
@@ -134,7 +116,7 @@ def well_formed(tree: str) -> bool:
     open_labels: list[str] = []
     filled: list[bool] = []
     roots = 0
-    for token in tree_tokens(tree):
+    for token in tokens(tree):
         if token.startswith("(") and len(token) > 1:
             if not open_labels:
                 roots += 1
@@ -155,7 +137,7 @@ def well_formed(tree: str) -> bool:
 
 
 def leaf_count(tree: str) -> int:
-    return sum(1 for t in tree_tokens(tree) if not t.startswith(("(", ")")))
+    return sum(1 for t in tokens(tree) if not t.startswith(("(", ")")))
 
 
 def bracket_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
@@ -168,7 +150,7 @@ def bracket_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict
         matched += sum((hyp_spans & ref_spans).values())
         predicted += sum(hyp_spans.values())
         gold += sum(ref_spans.values())
-        exact += tree_tokens(hyp) == tree_tokens(ref)
+        exact += tokens(hyp) == tokens(ref)
         shaped += well_formed(hyp) and leaf_count(hyp) == leaf_count(ref)
     precision = matched / predicted if predicted else 0.0
     recall = matched / gold if gold else 0.0
@@ -179,11 +161,6 @@ def bracket_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict
         "exact_match": 100 * exact / count,
         "well_formed": 100 * shaped / count,
     }
-
-
-def perplexity_metrics(logits: Tensor, targets: Tensor) -> dict[str, float]:
-    with torch.no_grad():
-        return {"log_ppl": log_perplexity(logits, targets), "token_accuracy": token_accuracy(logits, targets)}
 
 
 # ---------------------------------------------------------------------------------- across tasks

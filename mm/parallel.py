@@ -162,3 +162,13 @@ class DataExpertParallel:
 
     def all_done(self, done: bool) -> bool:
         return self.sum([0.0 if done else 1.0])[0] == 0.0
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now: the rendezvous of a process group
+    started on one machine (`init_method=f"tcp://127.0.0.1:{port}"`)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,6 +1,6 @@
 """Train a tiny MultiModel in-process on generated examples of all five task kinds.
 
-    python -m mm.selftest [--steps 300]
+    mm selftest [--steps 300]
 
 A minute on a laptop CPU, no Ray, no corpus: proof that every modality net, the shared body and
 every head learn. Prints each task's held-out loss (log-perplexity; cross-entropy for classes)
@@ -9,13 +9,10 @@ before and after.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 
 import torch
 import torch.nn.functional as F
-from rich.console import Console
-from rich.table import Table
 
 from mm.config import Config, parse_config
 from mm.model import MultiModel
@@ -59,22 +56,3 @@ def run(steps: int = 300, seed: int = 0, log=print) -> dict[str, tuple[float, fl
         if result.step % 50 == 0:
             log(f"step {result.step:4d}  {result.task:22s} loss {result.loss:.3f}  lr {result.lr:.2e}")
     return {name: (before[name], held_out_loss(model, batch)) for name, batch in dev.items()}
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    console = Console()
-    results = run(args.steps, args.seed, log=console.print)
-    table = Table(title="held-out loss per task")
-    for column in ("task", "before", "after", "before / after"):
-        table.add_column(column, justify="left" if column == "task" else "right")
-    for name, (before, after) in results.items():
-        table.add_row(name, f"{before:.3f}", f"{after:.3f}", f"{before / max(after, 1e-9):.1f}x")
-    console.print(table)
-
-
-if __name__ == "__main__":
-    main()

@@ -8,35 +8,32 @@
        (`pipelines.sink.run_split`) into a staging folder, fail when a split rejects more than
        `data.max_rejected_fraction` of its items, and publish atomically (`pipelines.publish`).
 
-Ray: an initialised Ray is used as it is; otherwise `RAY_ADDRESS` (or `--address`) is joined,
-or a local Ray started. Workers read the corpus and write the shards by path, so on a
-multi-node cluster both must be on a shared file system.
+Ray: `mm prepare` connects through `cluster.session.connect` once the corpora are checked; a
+caller of `prepare` passes it the same way, or has Ray running. Workers read the corpus and
+write the shards by path, so on a multi-node cluster both must be on a shared file system.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from mm.config import Config, ConfigError, TaskConfig, load_config
+from mm.config import Config, TaskConfig
+from mm.media import AudioSettings
 from mm.shards import Manifest, ShardError, SplitStats, load_manifest, part_files, write_manifest
 from mm.tasks import kind_of
 from mm.vocab import Vocabulary
 from pipelines.fingerprint import PIPELINE_VERSION, SourceFingerprints, digest
 from pipelines.publish import Staging, TaskBusy, clean_up_staging, task_lock
 from pipelines.readers import Reader, SourceError, reader_for
-from pipelines.rows import INDEX, AudioSettings, RowContext, uses_vocabulary
+from pipelines.rows import INDEX, RowContext, uses_vocabulary
 from pipelines.sink import Part, WriteReport, run_split
 from pipelines.vocabulary import ensure_vocabulary, sample_splits, text_tasks
 
@@ -66,12 +63,13 @@ def prepare(
     tasks: Sequence[str] | None = None,
     force: bool = False,
     log: Log | None = None,
-    address: str | None = None,
+    connect: Callable[[], None] | None = None,
 ) -> dict[str, Manifest]:
     """Prepare the shards of `tasks` (default: all) and the shared vocabulary; returns each
     task's manifest. `force` redoes work that is up to date. `log` gets the progress lines
-    (default: this module's logger); `address`: see `ensure_ray`."""
-    outcomes = prepare_tasks(config, tasks, force, log, address)
+    (default: this module's logger). `connect` starts or joins Ray once the corpora are checked
+    (`mm prepare` passes `cluster.session.connect`); without it, Ray must be running."""
+    outcomes = prepare_tasks(config, tasks, force, log, connect)
     return {outcome.manifest.task: outcome.manifest for outcome in outcomes}
 
 
@@ -80,12 +78,12 @@ def prepare_tasks(
     tasks: Sequence[str] | None = None,
     force: bool = False,
     log: Log | None = None,
-    address: str | None = None,
+    connect: Callable[[], None] | None = None,
 ) -> list[TaskOutcome]:
     log = log or logger.info
     selected = select_tasks(config, tasks)
     check_corpora(config, selected)  # before Ray starts: a wrong path fails in a second
-    ensure_ray(address)
+    start_ray(connect)
     fingerprints = SourceFingerprints()
     try:
         vocab = ensure_vocabulary(config, fingerprints, force, log)
@@ -97,16 +95,15 @@ def prepare_tasks(
     return outcomes
 
 
-def ensure_ray(address: str | None = None) -> None:
-    """Use the Ray already initialised, else join `address` / RAY_ADDRESS, else start one here."""
+def start_ray(connect: Callable[[], None] | None) -> None:
+    """Ray Data would otherwise start Ray itself, the default way: joining the cluster of the
+    last `ray start` on this machine, and hanging if that one is gone."""
     import ray
 
-    if ray.is_initialized():
-        return
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address)
-    else:  # "local", not the default: that joins the last `ray start` cluster, even a dead one
-        ray.init(address="local", include_dashboard=False)
+    if connect is not None:
+        connect()
+    elif not ray.is_initialized():
+        raise RuntimeError("prepare needs Ray: pass connect=cluster.session.connect, or call ray.init first")
 
 
 def follow_vocabulary(config: Config, vocab: Vocabulary, log: Log) -> None:
@@ -394,79 +391,3 @@ def check_rejections(
 def _reasons(counts: dict[str, int]) -> str:
     ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
     return ", ".join(f"{reason} {n}" for reason, n in ranked)
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mm prepare", description="Prepare the corpora of CONFIG into shards."
-    )
-    parser.add_argument("config", type=Path, help="experiment config (YAML)")
-    parser.add_argument("--tasks", help="comma-separated task names (default: all)")
-    parser.add_argument("--force", action="store_true", help="redo tasks that are up to date")
-    parser.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
-    parser.add_argument(
-        "-o",
-        "--override",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override, repeatable",
-    )
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`mm prepare`; returns the exit status (0: done, 1: failed with a message)."""
-    from rich.console import Console
-
-    args = build_parser().parse_args(argv)
-    console = Console(stderr=True, log_path=False)
-    try:
-        config = load_config(args.config, args.override)
-        tasks = [name.strip() for name in args.tasks.split(",") if name.strip()] if args.tasks else None
-        outcomes = prepare_tasks(config, tasks, args.force, partial(console.log, markup=False), args.address)
-    except (ConfigError, PrepareError) as err:
-        console.print(f"error: {err}", style="bold red", markup=False, highlight=False)
-        return 1
-    # Job logs are no terminal: give the table room rather than rich's default 80 columns.
-    Console(width=None if sys.stdout.isatty() else 120).print(summary_table(outcomes))
-    return 0
-
-
-def summary_table(outcomes: Sequence[TaskOutcome]):
-    from rich import box
-    from rich.table import Table
-
-    table = Table(title="shards", box=box.SIMPLE_HEAD, pad_edge=False)
-    for column in ("task", "split", "rows", "rejected", "filtered", "size", "time", ""):
-        left = column in ("task", "split", "")
-        table.add_column(column, justify="left" if left else "right", no_wrap=column in ("task", ""))
-    for outcome in outcomes:
-        status = "prepared" if outcome.prepared else "up to date"
-        for split, stats in outcome.manifest.splits.items():
-            table.add_row(
-                outcome.manifest.task,
-                split,
-                f"{stats.rows:,}",
-                f"{sum(stats.rejected.values()):,}",
-                f"{sum(stats.filtered.values()):,}",
-                _size(stats.bytes),
-                f"{stats.seconds:.1f} s",
-                status,
-            )
-    return table
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
-
-
-if __name__ == "__main__":
-    sys.exit(main())

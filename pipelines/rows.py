@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
+from mm.media import AudioSettings, MediaError
 from mm.shards import COLUMNS, array_to_bytes
 from mm.tasks import kind_of
 from mm.vocab import Vocabulary
@@ -70,14 +71,6 @@ class Row:
     targets: list[int] | int
     reference: str
     references: list[str] | None = None
-
-
-@dataclass(frozen=True)
-class AudioSettings:
-    sample_rate: int = 16000
-    mel_bins: int = 80
-    window_ms: float = 25.0
-    hop_ms: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -219,6 +212,9 @@ def convert_batch(items: pa.Table, reader: Reader, context: RowContext) -> pa.Ta
             rows = reader.rows(item, context)
         except Dropped as dropped:
             out.drop(dropped.outcome, dropped.reason, index, where, dropped.detail)
+            continue
+        except MediaError as bad:  # a file the item names is missing or broken
+            out.drop(REJECTED, bad.reason, index, where, bad.detail)
             continue
         except Exception as err:  # not a bad row but a broken reader or install: stop, saying where
             place = f"task {context.task!r} ({context.split}) at {where}"

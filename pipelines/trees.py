@@ -18,40 +18,29 @@ with labelled closing brackets and every part-of-speech tag, with its word, repl
     (S (NP XX XX )NP (VP XX )VP XX )S
 
 The input is the words, in order, separated by spaces.
+
+The brackets of one tree are read by `mm.trees.parse_tree`, as the metrics and the starter suite
+read theirs.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-TAG = "XX"  # as mm.metrics expects
+from mm.trees import TAG, Tree, TreeError, parse_tree
+
 WRAPPERS = ("", "ROOT", "TOP")
 # The treebank's escapes for brackets and braces inside words, undone for the input text.
 WORD_ESCAPES = {"-LRB-": "(", "-RRB-": ")", "-LCB-": "{", "-RCB-": "}", "-LSB-": "[", "-RSB-": "]"}
-_TOKEN = re.compile(r"\(|\)|[^\s()]+")
 _BRACKET = re.compile(rb"[()]")
 # The treebank's ATIS and Brown files open with "*x*" banner lines, "(C)" included: not trees.
 _COPYRIGHT_LINE = re.compile(rb"(?m)^\*x\*.*$")
 
 
-class TreeError(ValueError):
-    reason = "malformed_tree"
-
-
 class EmptyTree(TreeError):
     reason = "empty_tree"
-
-
-@dataclass
-class Tree:
-    label: str
-    children: list[Tree | str] = field(default_factory=list)
-
-    @property
-    def is_preterminal(self) -> bool:
-        return len(self.children) == 1 and isinstance(self.children[0], str)
 
 
 # ------------------------------------------------------------------------------ trees in a file
@@ -107,35 +96,6 @@ def _line_counter(data: bytes):
 
 
 # --------------------------------------------------------------------------------- one tree
-
-
-def parse_tree(text: str) -> Tree:
-    """A bracketed tree (balanced) -> `Tree`. The outermost node may be an unlabelled wrapper."""
-    root = Tree("")
-    stack = [root]
-    expecting_label = False
-    for token in _TOKEN.findall(text):
-        if token == "(":
-            node = Tree("")
-            stack[-1].children.append(node)
-            stack.append(node)
-            expecting_label = True
-        elif token == ")":
-            if len(stack) == 1:
-                raise TreeError("a closing bracket with no tree open")
-            stack.pop()
-            expecting_label = False
-        elif expecting_label:
-            stack[-1].label = token
-            expecting_label = False
-        else:
-            stack[-1].children.append(token)
-    if len(stack) != 1:
-        raise TreeError("brackets left open")
-    trees = [child for child in root.children if isinstance(child, Tree)]
-    if len(trees) != 1:
-        raise TreeError(f"expected one tree, found {len(trees)}")
-    return trees[0]
 
 
 def strip_function_tags(label: str) -> str:

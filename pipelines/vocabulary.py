@@ -28,6 +28,7 @@ from typing import Any
 
 from mm.config import Config, TaskConfig
 from mm.shards import VOCAB
+from mm.trees import TAG
 from mm.vocab import Vocabulary, train_vocabulary
 from pipelines.fingerprint import PIPELINE_VERSION, SourceFingerprints, digest
 from pipelines.readers import reader_for
@@ -36,7 +37,7 @@ from pipelines.rows import uses_vocabulary
 VOCAB_JSON = "vocab.json"
 SAMPLE_SEED = 0  # the vocabulary must not change with the training seed
 TREE_PIECES = "tree-pieces-1"  # in the fingerprint: how tree symbols become pieces
-_TREE_SYMBOL = re.compile(r"^(?:[()][^\s()]+|XX)$")
+_TREE_SYMBOL = re.compile(rf"^(?:[()][^\s()]+|{TAG})$")
 WORD_START = "\u2581"  # SentencePiece's marker of a piece that begins a word
 
 

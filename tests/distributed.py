@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from benchmarks.common import free_port
+from mm.parallel import free_port
 
 
 def _entry(rank: int, world: int, port: int, fn, args) -> None:

@@ -1,5 +1,5 @@
-"""`mm evaluate` / `mm predict` on what the user gave: a mistake ends in one line on stderr that
-names the user's own file, exit status 2, no traceback; a registry download is removed after."""
+"""`mm` on what the user gave: a mistake ends in one line on stderr that names the user's own
+file, exit status 2, no traceback; a registry download is removed after."""
 
 from __future__ import annotations
 
@@ -84,6 +84,35 @@ def test_the_mm_command_says_one_line_on_stderr_for_a_missing_checkpoint(tmp_pat
     assert (done.returncode, done.stderr) == (2, "mm: /nonexistent: no such checkpoint directory\n")
 
 
+def test_a_checkpoint_cut_short_is_one_line_naming_the_file(capsys, checkpoint, tmp_path):
+    import shutil
+
+    cut = tmp_path / "cut"
+    shutil.copytree(checkpoint, cut)
+    dense = cut / "dense.pt"
+    dense.write_bytes(dense.read_bytes()[: dense.stat().st_size // 2])
+    said = one_line_error(capsys, ["evaluate", str(cut)])
+    assert said.startswith(f"mm: {dense}: sha256 does not match"), said
+
+
+def test_a_starter_build_that_would_replace_other_files_is_one_line(capsys, tmp_path):
+    (tmp_path / "mine.txt").write_text("not a starter suite")
+    said = one_line_error(capsys, ["starter", "--out", str(tmp_path), "--size", "tiny", "--no-install"])
+    assert said == f"mm: {tmp_path} exists and is not a starter suite; refusing to replace it"
+    said = one_line_error(capsys, ["starter", "--out", str(tmp_path / "new"), "--size", "huge"])
+    assert said.startswith("mm: unknown size 'huge'; choose one of tiny, small")
+
+
+def test_a_file_that_is_not_there_is_a_user_error_naming_it():
+    from mmcli.main import _user_error
+
+    assert _user_error(FileNotFoundError(2, "No such file or directory", "/x/y.yaml")) == (
+        "/x/y.yaml: no such file or directory"
+    )
+    assert _user_error(FileNotFoundError("no file name")) is None  # not the user's: a traceback in a log
+    assert _user_error(RuntimeError("a bug")) is None
+
+
 def test_a_missing_input_file_is_one_line(capsys, checkpoint, tmp_path):
     missing = tmp_path / "missing.png"
     said = one_line_error(capsys, ["predict", str(checkpoint), "--task", "fashion_mnist", str(missing)])
@@ -127,7 +156,7 @@ def test_a_good_image_and_clip_are_answered(capsys, checkpoint, tmp_path):
 
 
 def test_the_predictor_names_a_file_given_as_bytes_without_a_source(checkpoint):
-    from tune.predictor import PredictError, Predictor
+    from mm.predict import PredictError, Predictor
 
     with pytest.raises(PredictError, match=r"^the input: not an image the image task 'fashion_mnist'"):
         Predictor(checkpoint).predict("fashion_mnist", b"RIFF not an image")

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from benchmarks.common import free_port
 from cluster.tracking import client
+from mm.parallel import free_port
 from mm.shards import load_manifest
 
 REPO = Path(__file__).resolve().parents[1]

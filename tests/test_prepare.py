@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from mm.shards import load_manifest, part_files
-from pipelines.prepare import PrepareError, main, prepare
+from mmcli.main import main
+from pipelines.prepare import PrepareError, prepare
 from pipelines.publish import STAGING, clean_up_staging, swap_into_place, task_lock
 from pipelines.trees import TreeError, linearise, parse_example, parse_tree, split_trees, strip_function_tags
 from pipelines.vocabulary import reservoir
@@ -228,13 +229,16 @@ tasks:
 data: {{shards: {tmp_path / "shards"}, vocab_size: 100}}
 """
     )
-    assert main([str(config), "--tasks", "parse", "-o", "data.shard_rows=2"]) == 0
+    main(["prepare", str(config), "--tasks", "parse", "-o", "data.shard_rows=2"])
     table = capsys.readouterr().out
     assert "parse" in table and "prepared" in table
     assert load_manifest(tmp_path / "shards", "parse").splits["train"].parts == 2
 
-    assert main([str(config), "--tasks", "nope"]) == 1
-    assert "no task 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_status:
+        main(["prepare", str(config), "--tasks", "nope"])
+    err = capsys.readouterr().err
+    assert exit_status.value.code == 2 and err.startswith("mm: ") and "no task 'nope'" in err
+    assert err.count("\n") == 1  # one line, no traceback
 
 
 # ------------------------------------------------------------------------------------ pure parts

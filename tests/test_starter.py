@@ -1,4 +1,4 @@
-"""Tests of the starter-suite builder (pipelines/starter.py).
+"""Tests of the starter-suite builder (the pipelines.starter package).
 
 The fast tests build the `tiny` size (a handful of examples per task) and check every layout the
 same way the slow `starter` test checks the real `small` suite. Tests that need the Debian
@@ -15,7 +15,20 @@ from pathlib import Path
 import pytest
 
 from pipelines import starter
-from pipelines.starter import SIZES, SPLITS, StarterError
+from pipelines.starter import (
+    SIZES,
+    SPLITS,
+    StarterError,
+    coco_emoji,
+    common,
+    debian,
+    ding,
+    fashion_mnist,
+    librispeech,
+    ptb,
+    wmt_en_de,
+    wmt_en_fr,
+)
 
 needs_packages = pytest.mark.skipif(
     bool(starter.missing_packages(starter.PACKAGES)),
@@ -31,7 +44,7 @@ def check_fashion_mnist(root: Path) -> dict[str, int]:
     from PIL import Image
 
     folders = (root / "classes.txt").read_text(encoding="utf-8").split()
-    assert folders == starter.fashion_class_folders()
+    assert folders == fashion_mnist.fashion_class_folders()
     assert folders == sorted(folders), "sorting the class folders must give the label order"
     counts = {}
     for split in SPLITS:
@@ -110,7 +123,7 @@ def tree_words(line: str) -> list[str]:
 
 
 def check_ptb(root: Path) -> dict[str, int]:
-    sentences = {english.replace(" ", "") for english, _ in starter.ding_sentence_pairs()}
+    sentences = {english.replace(" ", "") for english, _ in ding.ding_sentence_pairs()}
     counts = {}
     for split in SPLITS:
         lines = (root / f"{split}.mrg").read_text(encoding="utf-8").splitlines()
@@ -146,26 +159,26 @@ def file_contents(root: Path) -> dict[str, bytes]:
 
 def test_non_root_error_names_the_apt_get_line():
     with pytest.raises(StarterError) as error:
-        starter.ensure_packages(["mm-starter-no-such-package"], install=True, euid=1000)
+        debian.ensure_packages(["mm-starter-no-such-package"], install=True, euid=1000)
     assert "apt-get install -y --no-install-recommends mm-starter-no-such-package" in str(error.value)
 
 
 def test_no_install_refuses_even_as_root():
     with pytest.raises(StarterError, match="apt-get install -y --no-install-recommends mm-starter-x"):
-        starter.ensure_packages(["mm-starter-x"], install=False, euid=0)
+        debian.ensure_packages(["mm-starter-x"], install=False, euid=0)
 
 
 def test_class_folders_sort_to_labels():
-    folders = starter.fashion_class_folders()
+    folders = fashion_mnist.fashion_class_folders()
     assert folders[0] == "00_t-shirt_top" and folders[9] == "09_ankle_boot"
     assert [sorted(folders).index(folder) for folder in folders] == list(range(10))
 
 
 def test_take_splits_puts_dev_and_test_first():
-    splits = starter.take_splits(list(range(10)), starter.Counts(None, 2, 3), "numbers")
+    splits = common.take_splits(list(range(10)), common.Counts(None, 2, 3), "numbers")
     assert splits == {"train": [5, 6, 7, 8, 9], "dev": [0, 1], "test": [2, 3, 4]}
     with pytest.raises(StarterError):
-        starter.take_splits([1, 2], starter.Counts(5, 2, 3), "numbers")
+        common.take_splits([1, 2], common.Counts(5, 2, 3), "numbers")
 
 
 @pytest.mark.parametrize(
@@ -183,30 +196,30 @@ def test_take_splits_puts_dev_and_test_first():
     ],
 )
 def test_clean_message(message, clean):
-    assert starter.clean_message(message) == clean
+    assert wmt_en_fr.clean_message(message) == clean
 
 
 def test_librispeech_transcript():
-    assert starter.librispeech_transcript("It’s getting late, well-fed!") == "IT'S GETTING LATE WELL FED"
-    assert starter.speakable("We went home well-fed.")
-    assert not starter.speakable("He paid 20 euros.")
-    assert not starter.speakable("The USA is big.")
-    assert not starter.speakable("Mr. Smith is here.")
+    assert librispeech.librispeech_transcript("It’s getting late, well-fed!") == "IT'S GETTING LATE WELL FED"
+    assert librispeech.speakable("We went home well-fed.")
+    assert not librispeech.speakable("He paid 20 euros.")
+    assert not librispeech.speakable("The USA is big.")
+    assert not librispeech.speakable("Mr. Smith is here.")
 
 
 def test_emoji_captions_use_name_and_aliases():
-    assert starter.emoji_caption(":grinning_face:") == "grinning face"
+    assert coco_emoji.emoji_caption(":grinning_face:") == "grinning face"
     data = {"en": ":mouse_face:", "alias": [":mouse:", ":mouse2:"]}
-    assert starter.emoji_captions(data) == ["mouse face", "mouse"]
+    assert coco_emoji.emoji_captions(data) == ["mouse face", "mouse"]
 
 
 def test_link_tree_becomes_ptb_with_the_sentence_words():
     link_tree = "(S (NP it) (VP ’s.v (VP getting.v (ADJP late.a))) .)"
     assert (
-        starter.ptb_tree(link_tree, "It’s getting late.")
+        ptb.ptb_tree(link_tree, "It’s getting late.")
         == "(ROOT (S (NP (XX It)) (VP (VB ’s) (VP (VB getting) (ADJP (JJ late)))) (. .)))"
     )
-    assert starter.ptb_tree(link_tree, "It’s getting later.") is None  # leaves must spell the sentence
+    assert ptb.ptb_tree(link_tree, "It’s getting later.") is None  # leaves must spell the sentence
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,11 +228,9 @@ def test_link_tree_becomes_ptb_with_the_sentence_words():
 
 @needs_packages
 def test_link_parser_output_is_read_per_sentence():
-    trees = starter.link_parse(
-        ["The dog barks.", "Colorless green ideas sleep furiously the of.", "It’s late."]
-    )
+    trees = ptb.link_parse(["The dog barks.", "Colorless green ideas sleep furiously the of.", "It’s late."])
     assert set(trees) == {"The dog barks.", "It’s late."}  # the second needs null links: no tree
-    assert starter.ptb_tree(trees["The dog barks."], "The dog barks.").startswith(
+    assert ptb.ptb_tree(trees["The dog barks."], "The dog barks.").startswith(
         "(ROOT (S (NP (XX The) (NN dog))"
     )
 
@@ -256,7 +267,7 @@ def test_same_seed_gives_identical_files(tiny_builds):
 def test_another_seed_gives_other_splits(tmp_path):
     for seed in (7, 8):
         (tmp_path / str(seed)).mkdir()
-        starter.build_wmt_en_de(tmp_path / str(seed), SIZES["tiny"], seed)
+        wmt_en_de.build_wmt_en_de(tmp_path / str(seed), SIZES["tiny"], seed)
     assert (tmp_path / "7" / "train.en").read_bytes() != (tmp_path / "8" / "train.en").read_bytes()
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.data import TaskStream, parquet_stream
 from cluster.worker import position_streams
 from mm.build import task_specs
+from mm.reader import TaskStream, parquet_stream
 from mm.shards import load_manifest, part_files
 from mm.vocab import Vocabulary
 

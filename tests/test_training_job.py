@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.job import RESUMED_FROM, RESUMED_FROM_RUN, JobError, TrainingFailed, check_resources, train
+from cluster.job import RESUMED_FROM, RESUMED_FROM_RUN, TrainingFailed, check_resources, train
+from cluster.session import JobError
 from cluster.tracking import client
 from mm.checkpoint import CheckpointError, verify_checkpoint
 from mm.config import ConfigError, parse_config
@@ -357,10 +358,10 @@ def test_mm_evaluate_on_a_split_that_does_not_exist_is_an_error_not_a_perfect_sc
 def test_report_of_a_run_has_metrics_beside_chance_and_input_blind_curves_routing_and_a_summary(
     two_worker_run, shards, tmp_path
 ):
-    from cluster.data import read_rows
     from mm.metrics import scores_by_task
-    from tune.predictor import Predictor
-    from tune.report import chance_levels, write_report
+    from mm.predict import Predictor
+    from mm.reader import read_rows
+    from mmcli.report import chance_levels, write_report
 
     result, tmp = two_worker_run
     config = job_config(shards, tmp)

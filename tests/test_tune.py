@@ -18,9 +18,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from benchmarks.common import free_port
 from cluster.tracking import TrackingError, client, resolve_tracking_uri
 from mm.config import ConfigError, parse_config
+from mm.parallel import free_port
 from tune.registry import CHALLENGER, CHAMPION, register_and_promote
 from tune.sweep import pbt_schedule, sweep
 

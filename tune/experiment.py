@@ -24,16 +24,15 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from cluster.data import check_shards, load_manifests
-from cluster.job import connect, train
-from cluster.tracking import client, resolve_tracking_uri, start_run
+from cluster.job import train
+from cluster.session import preflight
+from cluster.tracking import client, start_run
 from mm.config import Config, parse_config
 from mm.metrics import expert_sharing, load_cv
-from mm.shards import VOCAB
 from mm.tasks import kind_of
-from mm.vocab import Vocabulary
-from tune.studies import Study, arm_config, expand, mixing, sized
+from tune.studies import Study, arm_config, check_study, expand, mixing, sized
 from tune.study_report import write_study_report
+from tune.sweep import build_tuner, pbt_schedule, sweep
 
 
 @dataclass
@@ -67,14 +66,10 @@ def run_experiment(
     log=print,
 ) -> StudyResult:
     """`command`: the command line that ran the study, quoted in the report."""
-    config = sized(config.resolved(), preset)
-    vocab = Vocabulary.load(Path(config.data.shards) / VOCAB)
-    manifests = load_manifests(config)
-    check_shards(config, vocab, manifests)  # before any run starts
-    sizes = {name: manifest.rows("train") for name, manifest in manifests.items()}
+    check_study(study_name)  # before Ray starts
+    ready = preflight(sized(config, preset), address)  # before any run starts
+    config, uri, sizes = ready.config, ready.tracking_uri, ready.train_rows()
     study = expand(study_name, config, sizes)  # a study naming an unknown task fails here
-    connect(address)
-    uri = resolve_tracking_uri(config.mlflow.tracking_uri)
     parent = start_run(uri, config, run_name=f"{config.name}-{study_name}")
     mlflow = client(uri)
     for key, value in {"mm.study": study_name, "mm.preset": preset, "mm.seeds": str(seeds)}.items():
@@ -102,12 +97,10 @@ def run_experiment(
 def _run_grid(config: Config, study: Study, seeds: list[int], parent: str) -> list[RunResult]:
     from ray import tune
 
-    trainable = tune.with_resources(
+    tuner = build_tuner(
+        config,
         partial(run_arm, base=config.model_dump(mode="json"), study=study, parent_run_id=parent),
-        {"CPU": 0.01},  # the trial waits on its TorchTrainer, whose workers hold the CPUs
-    )
-    tuner = tune.Tuner(
-        trainable,
+        f"{config.name}-{study.name}",
         param_space={
             "arm": tune.grid_search([arm.name for arm in study.arms]),
             "seed": tune.grid_search(seeds),
@@ -115,12 +108,6 @@ def _run_grid(config: Config, study: Study, seeds: list[int], parent: str) -> li
         tune_config=tune.TuneConfig(
             max_concurrent_trials=config.experiment.max_concurrent,
             trial_dirname_creator=lambda trial: f"run_{trial.trial_id}",  # arm names have spaces
-        ),
-        run_config=tune.RunConfig(
-            name=f"{config.name}-{study.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=str(config.cluster.storage_path),
-            failure_config=tune.FailureConfig(max_failures=0),
-            verbose=0,
         ),
     )
     return [_run_of(result) for result in tuner.fit()]
@@ -130,7 +117,7 @@ def run_arm(params: dict[str, Any], base: dict[str, Any], study: Study, parent_r
     """One (arm, seed): train, score the final checkpoint on the test splits, report."""
     from ray import tune
 
-    from tune.predictor import Predictor
+    from mm.predict import Predictor
 
     arm, seed = study.arm(params["arm"]), int(params["seed"])
     config = arm_config(parse_config(base, source="experiment"), arm, seed)
@@ -196,7 +183,6 @@ def _pbt_schedule(config: Config, study: Study, parent: str, log) -> list[dict[s
     """The mixing schedule of the best trial of a PBT sweep: its population (`tune.trials`)
     trains side by side, and every quarter of the steps the worse trials copy the better ones'
     checkpoints and perturb their weights."""
-    from tune.sweep import pbt_schedule
 
     steps = config.train.steps
     pbt = {"scheduler": "pbt", "max_concurrent": config.tune.trials, "pbt_interval": max(steps // 4, 1)}
@@ -207,7 +193,6 @@ def _pbt_schedule(config: Config, study: Study, parent: str, log) -> list[dict[s
 def _mixing_sweep(config: Config, study: Study, parent: str, tag: str, log, **tune_settings):
     """A sweep over the mixing weights alone (MoE settings and learning rate as configured),
     on the first arm's config; its MLflow run is tagged on the study's parent run."""
-    from tune.sweep import sweep
 
     raw = arm_config(config, study.arms[0], config.seed).model_dump(mode="json")
     space = raw["tune"]["space"]

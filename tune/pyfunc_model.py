@@ -17,7 +17,7 @@ import mlflow.pyfunc
 
 class MultiModelPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from tune.predictor import Predictor
+        from mm.predict import Predictor
 
         self.predictor = Predictor(context.artifacts["checkpoint"])
 

@@ -60,7 +60,7 @@ def log_pyfunc(config: Config, tracking_uri: str, run_id: str, checkpoint: str |
 
 def checkpoint_score(config: Config, checkpoint: str | Path) -> tuple[float, dict[str, dict[str, float]]]:
     """The aggregate objective of a checkpoint on this config's dev shards."""
-    from tune.predictor import Predictor
+    from mm.predict import Predictor
 
     predictor = Predictor(checkpoint)
     scores = predictor.evaluate(config.data.shards, "dev", config.train.eval_examples)

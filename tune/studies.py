@@ -101,9 +101,13 @@ def sized(config: Config, preset: str) -> Config:
 
 def expand(study: str, config: Config, sizes: dict[str, int]) -> Study:
     """The study's arms on `config`; `sizes` (training rows per task) set temperature mixing."""
+    check_study(study)
+    return BUILDERS[study](config, sizes)
+
+
+def check_study(study: str) -> None:
     if study not in BUILDERS:
         raise ConfigError(f"unknown study {study!r}; studies: {', '.join(STUDIES)}")
-    return BUILDERS[study](config, sizes)
 
 
 def arm_config(config: Config, arm: Arm, seed: int) -> Config:

@@ -168,7 +168,7 @@ def arms_plot(study: Study, runs):
         if not metrics:
             ax.set_title(f"{task}: no finished run")
             continue
-        metric = metrics[0]
+        metric = metrics[0]  # the primary one: runs score a task's metrics in its config's order
         for x, arm in enumerate(arms):
             values = list(metric_values(runs, arm, task, metric).values())
             if values:

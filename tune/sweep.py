@@ -25,13 +25,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from cluster.data import check_shards, load_manifests
-from cluster.job import connect, train
+from cluster.job import train
+from cluster.session import preflight
 from cluster.tracking import client, experiment_id, resolve_tracking_uri, start_run
 from mm.checkpoint import write_file
 from mm.config import Config, parse_config
-from mm.shards import VOCAB
-from mm.vocab import Vocabulary
+from mm.reader import load_manifests
 from tune.space import MIX, mixing_ratios, search_space, trial_config
 
 
@@ -58,20 +57,15 @@ class SweepResult:
 def sweep(config: Config, address: str | None = None, register: bool = True, log=print) -> SweepResult:
     from ray import tune
 
-    config = config.resolved()  # trials run in their own directories
-    vocab = Vocabulary.load(Path(config.data.shards) / VOCAB)
-    check_shards(config, vocab, load_manifests(config))  # fail here, not in every trial
-    connect(address)
-    uri = resolve_tracking_uri(config.mlflow.tracking_uri)
+    ready = preflight(config, address)  # fail here, not in every trial
+    config, uri = ready.config, ready.tracking_uri
     parent = start_run(uri, config, run_name=f"{config.name}-sweep")
     client(uri).set_tag(parent, "mm.sweep", "true")
 
-    trainable = tune.with_resources(
+    tuner = build_tuner(
+        config,
         partial(run_trial, base=config.model_dump(mode="json"), parent_run_id=parent, tracking_uri=uri),
-        {"CPU": 0.01},  # the trial only waits on its TorchTrainer, whose workers hold the CPUs
-    )
-    tuner = tune.Tuner(
-        trainable,
+        f"{config.name}-sweep",
         param_space=search_space(config),
         tune_config=tune.TuneConfig(
             metric="objective",
@@ -81,15 +75,10 @@ def sweep(config: Config, address: str | None = None, register: bool = True, log
             scheduler=_scheduler(config),
             search_alg=_searcher(config),
         ),
-        run_config=tune.RunConfig(
-            name=f"{config.name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=str(config.cluster.storage_path),
-            failure_config=tune.FailureConfig(max_failures=0),
-            # PBT: a trial is done at its last segment, or PBT would exploit at that report too
-            # and hand the trial another's final result and checkpoint
-            stop={"step": config.train.steps} if config.tune.scheduler == "pbt" else None,
-            verbose=1,
-        ),
+        # PBT: a trial is done at its last segment, or PBT would exploit at that report too
+        # and hand the trial another's final result and checkpoint
+        stop={"step": config.train.steps} if config.tune.scheduler == "pbt" else None,
+        verbose=1,
     )
     grid = tuner.fit()
     trials = [_trial_of(result) for result in grid]
@@ -105,6 +94,26 @@ def sweep(config: Config, address: str | None = None, register: bool = True, log
         )
     client(uri).set_terminated(parent, status="FINISHED" if best else "FAILED")
     return outcome
+
+
+def build_tuner(config: Config, trial, name: str, param_space, tune_config, stop=None, verbose: int = 0):
+    """The Tuner of a sweep or a study. Each trial only waits on the TorchTrainer it starts, whose
+    workers hold the CPUs, so a trial asks for almost none; a failed trial is reported, never
+    retried (its training run retries on its own, `cluster.max_failures`)."""
+    from ray import tune
+
+    return tune.Tuner(
+        tune.with_resources(trial, {"CPU": 0.01}),
+        param_space=param_space,
+        tune_config=tune_config,
+        run_config=tune.RunConfig(
+            name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=str(config.cluster.storage_path),
+            failure_config=tune.FailureConfig(max_failures=0),
+            stop=stop,
+            verbose=verbose,
+        ),
+    )
 
 
 def run_trial(params: dict[str, Any], base: dict[str, Any], parent_run_id: str, tracking_uri: str) -> None:

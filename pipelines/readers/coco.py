@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from mm.config import CorpusConfig
-from pipelines.media import load_image
+from mm.media import load_image
 from pipelines.readers.base import (
     Items,
     Reader,

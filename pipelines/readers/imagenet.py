@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mm.config import CorpusConfig
-from pipelines.media import IMAGE_SUFFIXES, load_image
+from mm.media import IMAGE_SUFFIXES, load_image
 from pipelines.readers.base import (
     Items,
     Reader,

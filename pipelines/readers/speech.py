@@ -7,7 +7,7 @@
                      <path>/<prefix>.jsonl with {"path": ..., "text": ...} per line;
                      relative paths are resolved against <path>
 
-Audio becomes log-mel frames (`pipelines.media.load_log_mel`); the transcript is lower-cased
+Audio becomes log-mel frames (`mm.media.load_log_mel`); the transcript is lower-cased
 (LibriSpeech writes upper case) with single spaces, then tokenised. An utterance whose transcript
 is empty is rejected (`empty_transcript`): speech with nothing to recognise is a broken record.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from mm.config import CorpusConfig
-from pipelines.media import load_log_mel
+from mm.media import load_log_mel
 from pipelines.readers.base import Items, Reader, SourceError, add_item, new_items, read_lines, split_prefix
 from pipelines.rows import BadRow, Row, RowContext, decode_text
 

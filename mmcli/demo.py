@@ -47,13 +47,14 @@ def starter_root(config: Config) -> Path:
 
 
 def run_demo(config: Config, address: str | None = None, log=print) -> DemoResult:
-    from cluster.data import read_rows
-    from cluster.job import connect, train
+    from cluster.job import train
+    from cluster.session import connect
+    from mm.predict import Predictor
+    from mm.reader import read_rows
+    from mmcli.report import chance_levels, write_report
     from pipelines.prepare import prepare
     from pipelines.starter import build_starter
-    from tune.predictor import Predictor
     from tune.registry import register_and_promote
-    from tune.report import chance_levels, write_report
 
     seconds: dict[str, float] = {}
 

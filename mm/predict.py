@@ -1,6 +1,6 @@
-"""A trained MultiModel held whole in one process: scores dev/test splits and answers
-`{task, input}` requests. Used by `mm evaluate`, `mm predict`, the registered MLflow pyfunc
-and the champion/challenger comparison.
+"""Prediction from a checkpoint: a trained MultiModel held whole in one process, which scores
+dev/test splits and answers `{task, input}` requests. Used by `mm evaluate`, `mm predict`, the
+registered MLflow pyfunc and the champion/challenger comparison.
 
 Inputs by modality: text as a string; an image or an audio clip as the file's bytes (the
 pyfunc takes them base64-encoded), decoded exactly as `mm prepare` decodes a corpus (same
@@ -16,17 +16,17 @@ from typing import Any
 
 import torch
 
-from cluster.data import evaluation_batches, read_rows
-from mm.batch import Batch, pad_sequences
+from mm.batch import EOS, Batch
 from mm.checkpoint import load_checkpoint, read_config, read_tasks, read_vocab
 from mm.config import Config, parse_config
 from mm.evaluate import decoding_constraint, score_task
+from mm.media import AudioSettings, MediaError, load_image, load_log_mel
 from mm.metrics import aggregate_score
 from mm.model import MultiModel
+from mm.reader import evaluation_batches, read_rows
+from mm.shards import array_to_bytes, collate
 from mm.tasks import TaskSpec
 from mm.vocab import Vocabulary
-from pipelines.media import load_image, load_log_mel
-from pipelines.rows import AudioSettings, BadRow
 
 SPEC_FIELDS = {"name", "kind", "command_id", "num_classes", "loss_weight"}
 
@@ -69,25 +69,25 @@ class Predictor:
         return self.vocab.decode(outputs[0])
 
     def batch(self, task: str, values: list[str | bytes], sources: list[str] | None = None) -> Batch:
+        """The requests as shard rows, collated as training and evaluation collate them."""
         if task not in self.specs:
             raise PredictError(f"unknown task {task!r}; this model knows {', '.join(sorted(self.specs))}")
-        modality = self.specs[task].input_modality
-        if modality == "text":
+        spec = self.specs[task]
+        if spec.input_modality == "text":
             if not all(isinstance(v, str) for v in values):
                 raise PredictError(f"task {task!r} takes text input")
-            inputs = pad_sequences(
-                [self.vocab.encode(v)[: self.config.task(task).max_input_length] for v in values]
-            )
-            return Batch(task, inputs, torch.zeros(len(values), 1, dtype=torch.long))
-        named = sources or ["the input"] * len(values)
-        arrays = [self._decode_file(task, modality, v, source) for v, source in zip(values, named)]
-        if modality == "image":
-            return Batch(task, torch.from_numpy(_stack(arrays)), torch.zeros(len(values), dtype=torch.long))
-        lengths = torch.tensor([len(a) for a in arrays])
-        frames = torch.zeros(len(arrays), int(lengths.max()), arrays[0].shape[1], dtype=torch.float16)
-        for i, a in enumerate(arrays):
-            frames[i, : len(a)] = torch.from_numpy(a)
-        return Batch(task, frames, torch.zeros(len(values), 1, dtype=torch.long), lengths)
+            inputs, shapes = [self.vocab.encode(v) for v in values], [[] for _ in values]
+        else:
+            named = sources or ["the input"] * len(values)
+            arrays = [self._decode_file(task, spec.input_modality, v, s) for v, s in zip(values, named)]
+            inputs, shapes = map(list, zip(*(array_to_bytes(a) for a in arrays)))
+        rows = {
+            "id": [str(n) for n in range(len(values))],
+            "inputs": inputs,
+            "input_shape": shapes,
+            "targets": [0 if spec.output_modality == "class" else [EOS] for _ in values],  # unused
+        }
+        return collate(spec, rows, self.config.task(task).max_input_length)
 
     def _decode_file(self, task: str, modality: str, value: str | bytes, source: str):
         data = value if isinstance(value, bytes) else _from_base64(value, task)
@@ -99,7 +99,7 @@ class Predictor:
                 if modality == "image":
                     return load_image(file.name, int(features.get("image_size", self.config.data.image_size)))
                 return load_log_mel(file.name, _audio_settings(features, self.config))
-            except BadRow as bad:  # its detail names the temporary file: name the user's instead
+            except MediaError as bad:  # its detail names the temporary file: name the user's instead
                 detail = bad.detail.replace(file.name, source).rstrip(".")
                 raise PredictError(_unreadable(source, task, modality, bad.reason, detail)) from None
 
@@ -150,8 +150,7 @@ class Predictor:
         return examples
 
     def aggregate(self, scores: dict[str, dict[str, float]]) -> float:
-        primary = {task.name: task.metrics[0] for task in self.config.tasks}
-        return aggregate_score(scores, primary, self.config.tune.reference)
+        return aggregate_score(scores, self.config.primary_metrics(), self.config.tune.reference)
 
 
 def _unreadable(source: str, task: str, modality: str, reason: str, detail: str) -> str:
@@ -162,12 +161,6 @@ def _unreadable(source: str, task: str, modality: str, reason: str, detail: str)
     return (
         f"{source}: not an audio file the audio task {task!r} can read (expected WAV, FLAC or OGG; {detail})"
     )
-
-
-def _stack(arrays):
-    import numpy as np
-
-    return np.stack(arrays)
 
 
 def _from_base64(value: str, task: str) -> bytes:

@@ -11,8 +11,9 @@ from typing import Any
 
 from cluster.tracking import client
 from mm.config import Config
-from mm.metrics import LEARNED_MARGIN, bracket_scores, learned, parse_tree, routing_entropy
-from tune.plots import eval_curves, learning_curves, routing_heatmap
+from mm.metrics import LEARNED_MARGIN, bracket_scores, leaf_count, learned, routing_entropy
+from mm.trees import TAG
+from mmcli.plots import eval_curves, learning_curves, routing_heatmap
 
 
 def chance_levels(
@@ -24,7 +25,7 @@ def chance_levels(
     classes = {t["name"]: t["num_classes"] for t in checkpoint_tasks}
     levels = {}
     for task in config.tasks:
-        metric = task.metrics[0]
+        metric = config.primary_metric(task.name)
         if metric == "accuracy":
             levels[task.name] = 1 / max(classes.get(task.name) or 1, 1)
         elif metric == "bleu":
@@ -33,16 +34,9 @@ def chance_levels(
             levels[task.name] = 1.0
         elif metric == "bracket_f1":
             references = [r if isinstance(r, str) else r[0] for r in dev_references.get(task.name, [])]
-            flat = [f"(S {' '.join(['XX'] * _leaves(r))} )" for r in references]
+            flat = [f"(S {' '.join([TAG] * leaf_count(r))} )" for r in references]
             levels[task.name] = bracket_scores(flat, references)["bracket_f1"]
     return levels
-
-
-def _leaves(tree: str) -> int:
-    def count(node) -> int:
-        return 1 if isinstance(node, str) else sum(count(child) for child in node.children)
-
-    return sum(count(node) for node in parse_tree(tree))
 
 
 def metric_history(tracking_uri: str, run_id: str, keys: list[str]) -> dict[str, list[tuple[int, float]]]:
@@ -68,7 +62,7 @@ def write_report(
     text task; `training`: the run's seconds, steps, train_gflops and mfu."""
     folder.mkdir(parents=True, exist_ok=True)
     blind, examples, training = blind or {}, examples or {}, training or {}
-    primary = {task.name: task.metrics[0] for task in config.tasks}
+    primary = config.primary_metrics()
     keys = [f"train/{t}/loss" for t in primary] + [f"eval/{t}/{m}" for t, m in primary.items()]
     history = metric_history(tracking_uri, run_id, keys)
     learning_curves(history, list(primary)).savefig(folder / "learning_curves.png", dpi=110)
