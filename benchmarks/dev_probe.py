@@ -27,7 +27,7 @@ from mm.build import task_specs
 from mm.config import ConfigError, load_config
 from mm.evaluate import score_task
 from mm.model import MultiModel
-from mm.reader import EVAL_SPLIT, evaluation_batches, load_manifests, read_rows
+from mm.reader import EVAL_SPLIT, evaluation_batches, load_manifests, read_rows, train_rows
 from mm.shards import VOCAB
 from mm.train import Trainer
 from mm.vocab import Vocabulary
@@ -70,7 +70,7 @@ def main() -> None:
     }
     torch.manual_seed(config.seed)
     model = MultiModel(config.model, specs, vocab.size)
-    trainer = Trainer(model, config, {n: m.rows("train") for n, m in manifests.items()})
+    trainer = Trainer(model, config, train_rows(manifests))
     scored_at = {int(step) for step in args.eval_at.split(",") if step} | {args.steps}
     train_seconds, steps_per_task = 0.0, {s.name: 0 for s in specs}
     while trainer.step < args.steps:

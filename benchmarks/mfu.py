@@ -25,7 +25,7 @@ from benchmarks.common import emit, train_streams
 from mm.build import task_specs
 from mm.config import load_config
 from mm.model import MultiModel, matmul_peak_gflops, training_flops
-from mm.reader import load_manifests
+from mm.reader import load_manifests, train_rows
 from mm.shards import VOCAB
 from mm.train import Trainer
 from mm.vocab import Vocabulary
@@ -63,7 +63,7 @@ def main() -> None:
     streams = train_streams(config, specs)
     torch.manual_seed(config.seed)
     model = MultiModel(config.model, specs, vocab.size).to(args.device)
-    trainer = Trainer(model, config, {n: m.rows("train") for n, m in manifests.items()}, device=args.device)
+    trainer = Trainer(model, config, train_rows(manifests), device=args.device)
 
     def batches_of(task: str) -> list:
         return [next(streams[task]).to(args.device) for _ in range(args.steps + 2)]

@@ -24,7 +24,7 @@ from cluster.session import connect
 from mm.build import task_specs
 from mm.config import load_config
 from mm.model import MultiModel
-from mm.reader import load_manifests
+from mm.reader import load_manifests, train_rows
 from mm.shards import VOCAB
 from mm.train import Trainer, fit
 from mm.vocab import Vocabulary
@@ -53,7 +53,7 @@ def plain_step_seconds(config) -> float:
     trainer = Trainer(
         MultiModel(config.model, specs, vocab.size),
         config,
-        {n: m.rows("train") for n, m in manifests.items()},
+        train_rows(manifests),
     )
     streams = train_streams(config, specs)
     seconds: list[float] = []

@@ -52,9 +52,6 @@ class Ready:
     manifests: dict[str, Manifest]
     tracking_uri: str
 
-    def train_rows(self) -> dict[str, int]:
-        return {name: manifest.rows("train") for name, manifest in self.manifests.items()}
-
 
 def preflight(config: Config, address: str | None = None, resume: str | Path | None = None) -> Ready:
     """Resolve the paths, load the vocabulary, check every task's shards (and the checkpoint to

@@ -26,7 +26,7 @@ from mm.evaluate import score_task
 from mm.metrics import aggregate_score, scores_by_task
 from mm.model import MultiModel, matmul_peak_gflops
 from mm.parallel import DataExpertParallel, SingleProcess
-from mm.reader import EVAL_SPLIT, TaskStream, evaluation_batches, read_rows
+from mm.reader import EVAL_SPLIT, TaskStream, evaluation_batches, read_rows, train_rows
 from mm.shards import Manifest
 from mm.train import StepLog, Trainer, fit
 from mm.vocab import Vocabulary
@@ -61,8 +61,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         parallel = DataExpertParallel(ep_size, device)
         parallel.parallelize(model)
     model.to(device)
-    sizes = {name: m.rows("train") for name, m in manifests.items()}
-    trainer = Trainer(model, config, sizes, parallel, device)
+    trainer = Trainer(model, config, train_rows(manifests), parallel, device)
     streams = {
         spec.name: ray_stream(
             spec,

@@ -143,8 +143,8 @@ def _score_text(
     references: list = []
     decode = bool(DECODED_METRICS & set(metric_names))
     for batch in batches:
-        counts = M.teacher_forced_counts(model(batch).logits, batch.targets)
-        nll, correct, tokens = (total + part for total, part in zip((nll, correct, tokens), counts))
+        batch_nll, batch_correct, batch_tokens = M.teacher_forced_counts(model(batch).logits, batch.targets)
+        nll, correct, tokens = nll + batch_nll, correct + batch_correct, tokens + batch_tokens
         if decode:
             outputs = model.generate(
                 batch, max_len=max_len, beam=beam, all_done=parallel.all_done, constraint=constraint

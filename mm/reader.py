@@ -30,6 +30,11 @@ def load_manifests(config: Config) -> dict[str, Manifest]:
     return {task.name: load_manifest(config.data.shards, task.name) for task in config.tasks}
 
 
+def train_rows(manifests: Mapping[str, Manifest]) -> dict[str, int]:
+    """Each task's training rows: what temperature mixing weighs the tasks by."""
+    return {name: manifest.rows("train") for name, manifest in manifests.items()}
+
+
 def check_shards(config: Config, vocab: Vocabulary, manifests: Mapping[str, Manifest]) -> None:
     """Shards must exist for the training split and the evaluation split, and be made with
     this vocabulary. Training evaluates on `dev`: a task without one would score zeros."""

@@ -29,6 +29,7 @@ from cluster.session import preflight
 from cluster.tracking import client, start_run
 from mm.config import Config, parse_config
 from mm.metrics import expert_sharing, load_cv
+from mm.reader import train_rows
 from mm.tasks import kind_of
 from tune.studies import Study, arm_config, check_study, expand, mixing, sized
 from tune.study_report import write_study_report
@@ -68,7 +69,7 @@ def run_experiment(
     """`command`: the command line that ran the study, quoted in the report."""
     check_study(study_name)  # before Ray starts
     ready = preflight(sized(config, preset), address)  # before any run starts
-    config, uri, sizes = ready.config, ready.tracking_uri, ready.train_rows()
+    config, uri, sizes = ready.config, ready.tracking_uri, train_rows(ready.manifests)
     study = expand(study_name, config, sizes)  # a study naming an unknown task fails here
     parent = start_run(uri, config, run_name=f"{config.name}-{study_name}")
     mlflow = client(uri)

@@ -30,7 +30,7 @@ from cluster.session import preflight
 from cluster.tracking import client, experiment_id, resolve_tracking_uri, start_run
 from mm.checkpoint import write_file
 from mm.config import Config, parse_config
-from mm.reader import load_manifests
+from mm.reader import load_manifests, train_rows
 from tune.space import MIX, mixing_ratios, search_space, trial_config
 
 
@@ -144,7 +144,7 @@ def _run_in_segments(config: Config, name: str, parent_run_id: str) -> None:
     step, schedule = state.get("step", 0), state.get("schedule", [])
     # a checkpoint copied from another trial names that trial's MLflow run, not ours
     run_id = state.get("run_id") if state.get("trial") == name else _trial_run(config, name, parent_run_id)
-    shares = mixing_ratios(config, {n: m.rows("train") for n, m in load_manifests(config).items()})
+    shares = mixing_ratios(config, train_rows(load_manifests(config)))
     while step < total:
         schedule = with_phase(schedule, step, shares)
         config.train.steps = min(step + config.tune.pbt_interval, total)
