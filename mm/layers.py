@@ -92,16 +92,30 @@ class SeparableConv(nn.Module):
             x = self._left_context(x, cache)
         elif self.reach:
             x = F.pad(x, (0, 0, self.reach // 2, self.reach // 2))
-        length = x.shape[1] - self.reach
-        weight = self.depthwise.weight[:, 0, :]  # [C, kernel]
         dilation = self.depthwise.dilation[0]
         if decoding_one:  # one new position: its taps are every dilation-th of the window
-            h = (x[:, ::dilation] * weight.t()).sum(1, keepdim=True)
-        else:
-            h = x[:, :length] * weight[:, 0]
-            for tap in range(1, weight.shape[1]):
-                h = h + x[:, tap * dilation : tap * dilation + length] * weight[:, tap]
+            return F.linear(x[:, ::dilation].flatten(1), *self._fused_weights()).unsqueeze(1)
+        length = x.shape[1] - self.reach
+        weight = self.depthwise.weight[:, 0, :]  # [C, kernel]
+        h = x[:, :length] * weight[:, 0]
+        for tap in range(1, weight.shape[1]):
+            h = h + x[:, tap * dilation : tap * dilation + length] * weight[:, tap]
         return F.linear(h, self.pointwise.weight[:, :, 0], self.pointwise.bias)
+
+    def _fused_weights(self) -> tuple[Tensor, Tensor]:
+        """Depthwise and pointwise as one [C_out, kernel * C] matrix over a position's taps.
+
+        Decoding one token is a few dozen tiny kernels per layer, each costing its launch more
+        than its FLOPs: one matmul instead of a multiply, a sum and a matmul. Made again
+        whenever either weight has changed in place (an optimiser step, a checkpoint load)."""
+        depthwise, pointwise = self.depthwise.weight, self.pointwise.weight
+        versions = (depthwise._version, pointwise._version, depthwise.data_ptr(), pointwise.data_ptr())
+        fused = getattr(self, "_fused", None)
+        if fused is None or fused[0] != versions:
+            with torch.no_grad():  # [C_out, 1, C] * [1, kernel, C]: out[o, t*C + c] = pw[o, c] * dw[c, t]
+                matrix = (pointwise[:, None, :, 0] * depthwise[:, 0, :].t()[None]).flatten(1)
+            fused = self._fused = (versions, matrix, self.pointwise.bias)
+        return fused[1], fused[2]
 
     def _left_context(self, x: Tensor, cache: dict[str, Any] | None) -> Tensor:
         """[B, T, C] with the `reach` positions before it: zeros, or the cached past."""
@@ -155,6 +169,7 @@ def timing_signal(length: int, channels: int, offset: int = 0, device=None) -> T
 
 
 @functools.lru_cache(maxsize=16)
+@torch.inference_mode(False)  # a normal tensor even when first asked for while decoding: training uses it too
 def _timing_table(length: int, channels: int, device: torch.device) -> Tensor:
     position = torch.arange(length, dtype=torch.float32, device=device)
     num_timescales = channels // 2

@@ -153,6 +153,35 @@ def test_incremental_decoding_matches_full_recompute_step_by_step(model, tasks, 
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
 
 
+def _decoded_step_by_step(conv: SeparableConv, x: torch.Tensor) -> torch.Tensor:
+    cache: dict = {}
+    return torch.cat([conv.forward_channels_last(x[:, t : t + 1], cache) for t in range(x.shape[1])], 1)
+
+
+def test_a_decoding_conv_follows_its_weights_through_an_optimiser_step_and_a_load():
+    """Decoding one position uses depthwise and pointwise fused into one matrix, made once;
+    it must be made again when the weights change in place."""
+    torch.manual_seed(0)
+    conv = SeparableConv(8, 6, kernel=5, dilation=2, padding="causal")
+    x = torch.randn(2, 7, 8)
+    with torch.inference_mode():
+        before = _decoded_step_by_step(conv, x)
+    torch.testing.assert_close(before, conv.forward_channels_last(x).detach(), atol=1e-5, rtol=1e-5)
+
+    optimizer = torch.optim.SGD(conv.parameters(), lr=0.5)
+    conv.forward_channels_last(x).square().sum().backward()
+    optimizer.step()
+    with torch.inference_mode():
+        after_step = _decoded_step_by_step(conv, x)
+    assert not torch.allclose(after_step, before)
+    torch.testing.assert_close(after_step, conv.forward_channels_last(x).detach(), atol=1e-5, rtol=1e-5)
+
+    other = SeparableConv(8, 6, kernel=5, dilation=2, padding="causal")
+    conv.load_state_dict(other.state_dict())
+    with torch.inference_mode():
+        torch.testing.assert_close(_decoded_step_by_step(conv, x), _decoded_step_by_step(other, x))
+
+
 def test_timing_signal_rows_are_the_same_wherever_decoding_asks_for_them():
     whole = timing_signal(40, 96)
     assert torch.equal(timing_signal(1, 96, offset=17), whole[17:18])  # one token at a time
