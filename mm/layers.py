@@ -114,8 +114,8 @@ class SeparableConv(nn.Module):
         if fused is None or fused[0] != versions:
             with torch.no_grad():  # [C_out, 1, C] * [1, kernel, C]: out[o, t*C + c] = pw[o, c] * dw[c, t]
                 matrix = (pointwise[:, None, :, 0] * depthwise[:, 0, :].t()[None]).flatten(1)
-            fused = self._fused = (versions, matrix, self.pointwise.bias)
-        return fused[1], fused[2]
+            fused = self._fused = (versions, matrix)
+        return fused[1], self.pointwise.bias
 
     def _left_context(self, x: Tensor, cache: dict[str, Any] | None) -> Tensor:
         """[B, T, C] with the `reach` positions before it: zeros, or the cached past."""
