@@ -88,6 +88,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed blocks per expert count")
     parser.add_argument("-o", "--override", action="append", default=[], help="config override a.b=value")
     args = parser.parse_args()
+    uneven = [e for e in args.experts if e % WORLD]
+    if uneven:  # checked here: inside the two spawned ranks it would be two tracebacks
+        parser.error(f"--experts {uneven}: each count must split evenly over the {WORLD} ranks")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     results = mp.Manager().dict()
     mp.spawn(rank_main, args=(free_port(), args, results), nprocs=WORLD, join=True)
