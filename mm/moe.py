@@ -17,8 +17,9 @@ Options beyond the paper, all off by default (the paper's layer is the default):
                       (DeepSeekMoE)
     capacity_factor   None: dropless, every expert's buffer as long as its load
     router_fp32       the gating matmuls in fp32 under bf16 autocast
-    grouped_mm        experts computed with torch's grouped matmul over the tokens sorted by
-                      expert, instead of padded per-expert buffers (dropless routing's kernel)
+    grouped_mm        experts computed over the tokens sorted by expert, each on exactly its own
+                      rows, instead of padded per-expert buffers: torch's grouped matmul on CUDA
+                      (dropless routing's kernel), one matmul per expert elsewhere
 
 Dispatch and combine belong to a dispatcher. `LocalDispatcher` keeps every expert in this
 process. `ExpertParallelDispatcher` holds num_experts / W of them on each of W ranks and moves
@@ -50,8 +51,9 @@ class Routing:
     gates: Tensor  # [N, k] combine weights: softmax over the k largest (noisy) logits
     experts: Tensor  # [N, k] the chosen experts' global ids
     valid: Tensor  # [N] True for real tokens; padding is never routed
-    importance: Tensor  # [E] sum of each expert's gates over the tokens (differentiable)
-    load: Tensor  # [E] expected tokens per expert: smooth estimate when noisy, else counts
+    # for the balancing loss, None where no loss is wanted (no gradient: decoding, evaluation)
+    importance: Tensor | None  # [E] sum of each expert's gates over the tokens (differentiable)
+    load: Tensor | None  # [E] expected tokens per expert: smooth estimate when noisy, else counts
 
 
 @dataclass
@@ -175,17 +177,25 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         valid = torch.ones(len(x), dtype=torch.bool, device=x.device) if mask is None else mask.reshape(-1)
-        routing, clean = self.route(x, valid, None if noise is None else noise.reshape(-1, self.num_experts))
+        # Without gradient (decoding, evaluation) no auxiliary loss can act: skip its
+        # statistics, a few dozen small kernels per layer and, across expert-parallel ranks,
+        # two all-reduces, at every decoded token.
+        losses = torch.is_grad_enabled()
+        noise = None if noise is None else noise.reshape(-1, self.num_experts)
+        routing, clean = self.route(x, valid, noise, balance_stats=losses)
         y, stats = self.dispatcher(x, routing, self.experts, self.capacity)
         if self.shared is not None:
             y = y + self.shared(x) * valid.unsqueeze(1).to(x.dtype)
         if self.training and self.expert_bias is not None:
             self._update_bias(stats.load)
-        return MoEOutput(y.view(shape), self.balance_loss(routing) + self.z_loss(clean, valid), stats)
+        aux = self.balance_loss(routing) + self.z_loss(clean, valid) if losses else x.new_zeros(())
+        return MoEOutput(y.view(shape), aux, stats)
 
     # ------------------------------------------------------------------------------------ gating
 
-    def route(self, x: Tensor, valid: Tensor, noise: Tensor | None = None) -> tuple[Routing, Tensor]:
+    def route(
+        self, x: Tensor, valid: Tensor, noise: Tensor | None = None, balance_stats: bool = True
+    ) -> tuple[Routing, Tensor]:
         """The routing, and the clean logits (for the z-loss)."""
         clean = self._gating(x, self.w_gate)
         noisy = self.training and self.noisy_gating
@@ -201,6 +211,8 @@ class MoE(nn.Module):
         top_values, top_experts = choosing.topk(min(self.k + 1, self.num_experts), dim=-1)
         experts = top_experts[:, : self.k]
         gates = F.softmax(logits.gather(1, experts), dim=-1)
+        if not balance_stats:
+            return Routing(gates, experts, valid, None, None), clean
         real = valid.unsqueeze(1).to(gates.dtype)
         importance = (gates.new_zeros(clean.shape).scatter(1, experts, gates) * real).sum(0)
         if noisy and self.k < self.num_experts:
@@ -279,27 +291,47 @@ def run_experts(experts: Experts, rows: Tensor, local_expert: Tensor, slot: Tens
     slots = int(slot.max()) + 1 if len(slot) else 1
     index = local_expert * slots + slot
     buffer = rows.new_zeros(experts.num * slots, rows.shape[-1]).index_copy(0, index, rows)
-    out = experts(buffer.view(experts.num, slots, -1)).view(-1, rows.shape[-1])[index]
+    out = experts(buffer.view(experts.num, slots, -1)).view(-1, rows.shape[-1]).index_select(0, index)
     # under autocast the batched matmuls return bf16: back to the rows' dtype, so that the
     # combine's index_add (and the return trip of expert parallelism) sees one dtype
     return out.to(rows.dtype)
 
 
 def run_experts_grouped(experts: Experts, rows: Tensor, local_expert: Tensor) -> Tensor:
-    """The same with rows sorted by expert and each expert one group of a grouped matmul: no
-    slots and no padding, so a skewed (dropless) load costs only its tokens."""
+    """The same with rows sorted by expert and each expert computing exactly its own rows: no
+    slots and no padding, so a skewed (dropless) load costs only its tokens. On CUDA one
+    grouped matmul per layer; elsewhere one matmul per expert over its segment, since torch's
+    CPU grouped_mm is slower than those matmuls (benchmarks/moe_vs_dense.py)."""
     order = torch.argsort(local_expert, stable=True)
-    which = local_expert[order]
-    offsets = torch.bincount(local_expert, minlength=experts.num).cumsum(0).to(torch.int32)
+    counts = torch.bincount(local_expert, minlength=experts.num)
     # one dtype for both operands (autocast does not cover grouped_mm): its dtype under
     # autocast, as the padded path's batched matmuls get (CUDA's kernel wants bf16)
     device = rows.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else rows.dtype
-    w1, b1 = experts.w1.to(dtype), experts.b1[which, 0].to(dtype)
-    w2, b2 = experts.w2.to(dtype), experts.b2[which, 0].to(dtype)
-    hidden = F.relu(F.grouped_mm(rows[order].to(dtype), w1, offs=offsets) + b1)
-    out = F.grouped_mm(hidden, w2, offs=offsets) + b2
+    sorted_rows = rows.index_select(0, order).to(dtype)
+    if device == "cuda":
+        out = _grouped_matmuls(experts, sorted_rows, local_expert[order], counts, dtype)
+    else:
+        out = _matmul_per_expert(experts, sorted_rows, counts.tolist(), dtype)
     return torch.empty_like(out).index_copy(0, order, out).to(rows.dtype)  # in the rows' order
+
+
+def _grouped_matmuls(experts: Experts, rows: Tensor, expert_of_row: Tensor, counts: Tensor, dtype) -> Tensor:
+    offsets = counts.cumsum(0).to(torch.int32)
+    w1, b1 = experts.w1.to(dtype), experts.b1[expert_of_row, 0].to(dtype)
+    w2, b2 = experts.w2.to(dtype), experts.b2[expert_of_row, 0].to(dtype)
+    hidden = F.relu(F.grouped_mm(rows, w1, offs=offsets) + b1)
+    return F.grouped_mm(hidden, w2, offs=offsets) + b2
+
+
+def _matmul_per_expert(experts: Experts, rows: Tensor, counts: list[int], dtype) -> Tensor:
+    # unbind, not w1[e]: each indexing's backward would write a zero gradient of every expert
+    w1, b1, w2, b2 = (p.to(dtype).unbind(0) for p in (experts.w1, experts.b1, experts.w2, experts.b2))
+    outs = [
+        torch.addmm(b2[e][0], F.relu(torch.addmm(b1[e][0], segment, w1[e])), w2[e])
+        for e, segment in enumerate(rows.split(counts))
+    ]
+    return torch.cat(outs)
 
 
 def dropped_count(load: Tensor, capacity: int) -> int:
@@ -316,7 +348,7 @@ class LocalDispatcher:
         cap = capacity(int(routing.valid.sum()))
         slot = arrival_order(expert, valid, experts.num)
         keep = valid & (slot < cap)
-        out = run_experts(experts, x[token[keep]], expert[keep], slot[keep])
+        out = run_experts(experts, x.index_select(0, token[keep]), expert[keep], slot[keep])
         y = torch.zeros_like(x).index_add(0, token[keep], (out * gate[keep].unsqueeze(1)).to(x.dtype))
         load = torch.bincount(expert[valid], minlength=experts.num)
         return y, MoEStats(load, dropped_count(load, cap), int(valid.sum()))
@@ -357,7 +389,7 @@ class ExpertParallelDispatcher:
         send = kept[self.rank].view(self.world, num_local).sum(1).tolist()
         mine = kept[:, self.rank * num_local : (self.rank + 1) * num_local]  # [W, E_local]
         receive = mine.sum(1).tolist()
-        arrived = self._exchange(x[token[order]], receive, send)
+        arrived = self._exchange(x.index_select(0, token[order]), receive, send)
         out = run_experts(experts, arrived, *self._arrival_slots(mine))
         returned = self._exchange(out, send, receive)
 

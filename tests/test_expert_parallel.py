@@ -84,6 +84,11 @@ def whole_and_sharded_layer_agree_with(rank: int, world: int, options: dict) -> 
             grad = param.grad.clone()
             dist.all_reduce(grad)
             torch.testing.assert_close(grad, dense[name].grad, **TOL)
+    # as decoding runs it: no gradient, so no losses and none of their all-reduces
+    with torch.inference_mode():
+        decoded, whole_decoded = sharded.eval()(x[mine]), whole.eval()(x)
+    torch.testing.assert_close(decoded.y, whole_decoded.y[mine], **TOL)
+    assert decoded.stats.load.tolist() == whole_decoded.stats.load.tolist()
 
 
 @pytest.mark.parametrize("world", [2, 4])

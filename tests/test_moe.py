@@ -77,6 +77,22 @@ def test_balancing_loss_is_zero_when_balanced_and_grows_when_skewed():
     assert float(moe(skewed).aux_loss) > 0.01
 
 
+def test_without_gradient_the_layer_computes_the_same_and_skips_its_auxiliary_losses():
+    """Decoding and evaluation run without gradient: the output and the routing statistics
+    are those of a pass with gradient, and the balancing and z-losses are not computed."""
+    torch.manual_seed(0)
+    moe = MoE(8, 16, num_experts=4, k=2, z_loss_coef=1e-3, shared_experts=1).eval()
+    x = torch.randn(4, 8)[torch.tensor([0] * 20 + [1, 2, 3])]  # skewed: the losses are large
+    with_grad = moe(x)
+    assert float(with_grad.aux_loss) > 0.01
+    with torch.inference_mode():
+        without = moe(x)
+    assert float(without.aux_loss) == 0.0
+    torch.testing.assert_close(without.y, with_grad.y)
+    assert without.stats.load.tolist() == with_grad.stats.load.tolist()
+    assert without.stats.dropped == with_grad.stats.dropped
+
+
 def test_gradients_reach_both_gating_matrices_and_every_used_expert():
     torch.manual_seed(0)
     moe = MoE(16, 32, num_experts=4, k=2).train()
@@ -188,3 +204,30 @@ def test_grouped_matmul_experts_compute_what_the_padded_buffers_compute(capacity
     assert outs[1].stats.dropped == outs[0].stats.dropped
     for (name, a), (_, b) in zip(padded.named_parameters(), grouped.named_parameters(), strict=True):
         torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_the_cuda_grouped_kernel_path_computes_what_the_per_expert_matmuls_compute():
+    """CUDA runs the grouped path as torch's grouped_mm, other devices as one matmul per
+    expert; torch's grouped_mm also runs on CPU, so both are compared here, an expert with no
+    rows included, forward and backward."""
+    from mm.moe import Experts, _grouped_matmuls, _matmul_per_expert
+
+    torch.manual_seed(0)
+    experts = Experts(4, 16, 32)
+    expert_of_row = torch.tensor([0] * 7 + [1] * 2 + [3] * 5)  # expert 2 gets nothing
+    counts = torch.bincount(expert_of_row, minlength=4)
+    rows = torch.randn(len(expert_of_row), 16)
+    weights = torch.randn(len(expert_of_row), 16)
+    results = []
+    for run in (
+        lambda: _grouped_matmuls(experts, rows, expert_of_row, counts, torch.float32),
+        lambda: _matmul_per_expert(experts, rows, counts.tolist(), torch.float32),
+    ):
+        experts.zero_grad()
+        out = run()
+        (out * weights).sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in experts.parameters()]))
+    (grouped, grouped_grads), (looped, looped_grads) = results
+    torch.testing.assert_close(looped, grouped, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grouped_grads, looped_grads, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
