@@ -104,7 +104,10 @@ def beam_search(
         alive_scores = top_scores.masked_fill(token == eos, float("-inf"))
         scores, pick = alive_scores.topk(beam, dim=1)
         rows = (origin.gather(1, pick) + torch.arange(batch, device=first.device)[:, None] * beam).view(-1)
-        tokens = token.gather(1, pick).view(-1)
+        # Fewer live candidates than the beam (a constraint that leaves few tokens, or EOS taken
+        # by many) fills it with -inf ones whose token is arbitrary: such a dead hypothesis
+        # takes EOS instead, so that no constraint is advanced by a token it forbade.
+        tokens = token.gather(1, pick).view(-1).masked_fill(scores.view(-1) == float("-inf"), eos)
         sequences = torch.cat([sequences[rows], tokens[:, None]], dim=1)
         state.reorder(rows)
         if constraint is not None:

@@ -48,7 +48,7 @@ def random_step(vocab_size: int, seed: int):
     return step
 
 
-@pytest.mark.parametrize("beam", [1, 3])
+@pytest.mark.parametrize("beam", [1, 3, 8, 16])
 def test_constrained_decoding_always_gives_a_well_formed_tree_with_one_leaf_per_word(vocab, beam):
     sentences = SENTENCES + ["a", "one two three four five six seven eight nine ten eleven twelve"]
     inputs = pad_sequences([vocab.encode(s) for s in sentences])
