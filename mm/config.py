@@ -170,6 +170,7 @@ class TaskConfig(Section):
     mix_weight: float | None = Field(None, ge=0, description="explicit mixing ratio")
     # parsing: decode only well-formed trees with one leaf per input word (mm.decoding)
     constrained_decoding: bool = True
+    beam: int = Field(1, ge=1, description="beam width of this task's decoding (evaluation, prediction)")
 
     @field_validator("kind")
     @classmethod

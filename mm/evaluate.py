@@ -79,12 +79,12 @@ def score_task(
     task: TaskConfig,
     batches: Iterable[Batch],
     vocab: Vocabulary,
-    beam: int = 1,
+    beam: int | None = None,
     parallel: Parallel | None = None,
     blind: bool = False,
 ) -> dict[str, float]:
-    """`evaluate_task` as the task's config asks: its metrics, its longest output, its decoding
-    constraint, decoded to text with the vocabulary."""
+    """`evaluate_task` as the task's config asks: its metrics, its longest output, its beam
+    (unless `beam` is given), its decoding constraint, decoded to text with the vocabulary."""
     return evaluate_task(
         model,
         task.name,
@@ -92,7 +92,7 @@ def score_task(
         task.metrics,
         vocab.decode,
         task.max_target_length,
-        beam,
+        beam or task.beam,
         parallel,
         decoding_constraint(task, vocab.pieces),
         blind,

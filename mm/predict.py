@@ -36,7 +36,8 @@ class PredictError(ValueError):
 
 
 class Predictor:
-    def __init__(self, checkpoint: str | Path, beam: int = 1):
+    def __init__(self, checkpoint: str | Path, beam: int | None = None):
+        """`beam`: the beam width for every task; None: each task's own (`tasks[].beam`)."""
         checkpoint = Path(checkpoint)
         self.config: Config = parse_config(read_config(checkpoint), source=str(checkpoint / "config.json"))
         self.vocab = Vocabulary(read_vocab(checkpoint) or b"")
@@ -64,7 +65,7 @@ class Predictor:
         config = self.config.task(task)
         constraint = decoding_constraint(config, self.vocab.pieces)
         outputs = self.model.generate(
-            batch, max_len=config.max_target_length, beam=self.beam, constraint=constraint
+            batch, max_len=config.max_target_length, beam=self.beam or config.beam, constraint=constraint
         )
         return self.vocab.decode(outputs[0])
 
@@ -132,7 +133,7 @@ class Predictor:
         outputs = self.model.generate(
             batch,
             max_len=config.max_target_length,
-            beam=self.beam,
+            beam=self.beam or config.beam,
             constraint=decoding_constraint(config, self.vocab.pieces),
         )
         examples = []

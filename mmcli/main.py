@@ -319,7 +319,7 @@ def _model_options() -> argparse.ArgumentParser:
     """What every command that loads a trained model takes."""
     options = argparse.ArgumentParser(add_help=False)
     options.add_argument("model", help="checkpoint directory, or models:/NAME@champion")
-    options.add_argument("--beam", type=int, default=1)
+    options.add_argument("--beam", type=int, help="beam width for every task (default: each task's `beam`)")
     options.add_argument(
         "--tracking-uri", help="MLflow tracking URI for models:/ (default: MLFLOW_TRACKING_URI)"
     )

@@ -222,6 +222,24 @@ def test_beam_search_scores_at_least_as_well_as_greedy(tasks, data):
     assert (log_prob(beam) >= log_prob(greedy) - 1.0).all()
 
 
+def test_a_tasks_beam_is_the_width_its_evaluation_decodes_with_unless_one_is_given(tasks, data):
+    from types import SimpleNamespace
+
+    from mm.config import TaskConfig
+    from mm.evaluate import score_task
+
+    model = tiny_model(seed=4)
+    widths, generate = [], model.generate
+    model.generate = lambda batch, **options: widths.append(options["beam"]) or generate(batch, **options)
+    task = TaskConfig(name="translation", kind="translation", max_target_length=6, beam=3)
+    vocab = SimpleNamespace(decode=lambda ids: " ".join(map(str, ids)), pieces=[])
+    batches = [data.batch(tasks["translation"], 2)]
+    assert "bleu" in score_task(model, task, batches, vocab)
+    score_task(model, task, batches, vocab, beam=2)  # `mm evaluate --beam 2`
+    assert widths == [3, 2]
+    assert TaskConfig(name="translation", kind="translation").beam == 1  # greedy by default
+
+
 def test_classify_returns_ranked_classes_with_probabilities(model, tasks, data):
     probs, classes = model.classify(data.batch(tasks["image_classification"], 4), topk=5)
     assert classes.shape == probs.shape == (4, 5)
