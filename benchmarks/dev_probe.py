@@ -8,7 +8,8 @@ decoding). Compare two settings with the same steps and seed; the demo's own fig
 `make demo`. Needs the starter shards (`make demo`, or `mm starter && mm prepare CONFIG`).
 
 Prints one JSON line per evaluation: the step, training seconds, how many steps each task got,
-and every dev metric.
+every dev metric, each task's routing entropy per MoE layer and the load's CV (as the demo
+report has them, over the steps so far).
 
     python -m benchmarks.dev_probe --steps 1400 --eval-at 700 -o tasks.ptb.mix_weight=0.8
     python -m benchmarks.dev_probe --tasks librispeech --steps 400 -o model.ctc_weight=0.3
@@ -26,6 +27,7 @@ from benchmarks.common import emit, train_streams
 from mm.build import task_specs
 from mm.config import ConfigError, load_config
 from mm.evaluate import score_task
+from mm.metrics import count_routing, load_cv, routing_entropy
 from mm.model import MultiModel
 from mm.reader import EVAL_SPLIT, evaluation_batches, load_manifests, read_rows, train_rows
 from mm.shards import VOCAB
@@ -73,11 +75,13 @@ def main() -> None:
     trainer = Trainer(model, config, train_rows(manifests))
     scored_at = {int(step) for step in args.eval_at.split(",") if step} | {args.steps}
     train_seconds, steps_per_task = 0.0, {s.name: 0 for s in specs}
+    routing: dict[str, list[list[int]]] = {}
     while trainer.step < args.steps:
         started = time.perf_counter()
         log = trainer.train_step(lambda task: next(streams[task]))
         train_seconds += time.perf_counter() - started
         steps_per_task[log.task] += 1
+        count_routing(routing, log.task, log.expert_load)
         if trainer.step in scored_at:
             scores = {name: score_task(model, config.task(name), b, vocab) for name, b in dev.items()}
             emit(
@@ -88,6 +92,8 @@ def main() -> None:
                     "threads": args.threads,
                     "steps_per_task": dict(steps_per_task),
                     "dev": scores,
+                    "routing_entropy": {t: [routing_entropy(n) for n in ns] for t, ns in routing.items()},
+                    "load_cv": load_cv(routing),
                 }
             )
 

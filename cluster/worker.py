@@ -23,7 +23,7 @@ from mm.build import task_specs
 from mm.checkpoint import load_checkpoint, read_stream_positions, save_checkpoint, save_stream_positions
 from mm.config import Config, parse_config
 from mm.evaluate import score_task
-from mm.metrics import aggregate_score, scores_by_task
+from mm.metrics import aggregate_score, count_routing, scores_by_task
 from mm.model import MultiModel, matmul_peak_gflops
 from mm.parallel import DataExpertParallel, SingleProcess
 from mm.reader import EVAL_SPLIT, TaskStream, evaluation_batches, read_rows, train_rows
@@ -187,18 +187,11 @@ class _Run:
         self.step_flops.append(log.flops)
         self.last_loss[log.task] = log.loss
         self.window.append(log)
-        self._count_routing(log)
+        count_routing(self.routing, log.task, log.expert_load)  # which experts each task uses
         if self.metrics is not None:
             self.metrics.add(log.step, {f"train/{log.task}/loss": log.loss})
         if log.step % self.config.train.log_every == 0:
             self._log_window(log.step)
-
-    def _count_routing(self, log: StepLog) -> None:
-        """Tokens per expert per MoE layer, summed per task: which experts each task uses."""
-        counts = self.routing.setdefault(log.task, [[0] * len(layer) for layer in log.expert_load])
-        for layer, load in zip(counts, log.expert_load, strict=False):
-            for i, n in enumerate(load):
-                layer[i] += n
 
     def _log_window(self, step: int) -> None:
         seconds = sum(log.seconds for log in self.window)

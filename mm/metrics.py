@@ -198,6 +198,14 @@ def normalized(metric: str, value: float, reference: float | None = None) -> flo
 # `routing`: {task: per MoE layer, the tokens each expert took}, as a run's routing.json has it.
 
 
+def count_routing(routing: dict[str, list[list[int]]], task: str, expert_load: list[list[int]]) -> None:
+    """Add one step's tokens per expert (per MoE layer) to `task`'s running counts."""
+    counts = routing.setdefault(task, [[0] * len(layer) for layer in expert_load])
+    for layer, load in zip(counts, expert_load, strict=False):
+        for i, n in enumerate(load):
+            layer[i] += n
+
+
 def routing_entropy(counts: Sequence[int]) -> float:
     """How evenly a task's tokens spread over one layer's experts: the entropy of its shares
     over log(experts), 1 for an even spread, 0 when every token goes to one expert."""

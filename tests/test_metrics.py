@@ -74,6 +74,14 @@ def test_routing_entropy_is_one_for_an_even_spread_and_zero_for_one_expert():
     assert routing_entropy([0, 0]) == 0.0  # nothing routed: no spread to speak of
 
 
+def test_routing_counts_add_up_per_task_and_layer():
+    routing: dict = {}
+    M.count_routing(routing, "a", [[1, 0, 2], [3, 0, 0]])
+    M.count_routing(routing, "b", [[0, 5, 0]])  # image classification: the encoder's layer only
+    M.count_routing(routing, "a", [[1, 1, 1], [0, 0, 3]])
+    assert routing == {"a": [[2, 1, 3], [3, 0, 3]], "b": [[0, 5, 0]]}
+
+
 def test_load_cv_is_zero_for_an_even_load_over_all_tasks_and_grows_with_skew():
     # each task alone is skewed, but together the experts take the same load
     assert M.load_cv({"a": [[4, 0]], "b": [[0, 4]]}) == 0.0
