@@ -292,7 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--shards", help="shards to score on (default: the config's)")
     evaluate.add_argument("--split", default="dev")
-    evaluate.add_argument("--examples", type=int, help="rows per task (default: train.eval_examples)")
+    evaluate.add_argument(
+        "--examples", type=_positive_int, help="rows per task (default: train.eval_examples)"
+    )
     evaluate.set_defaults(run=_evaluate)
 
     predict = commands.add_parser(
@@ -315,11 +317,24 @@ def _job_options() -> argparse.ArgumentParser:
     return options
 
 
+def _positive_int(text: str) -> int:
+    """For counts where 0 would silently mean "the default": an error instead."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
 def _model_options() -> argparse.ArgumentParser:
     """What every command that loads a trained model takes."""
     options = argparse.ArgumentParser(add_help=False)
     options.add_argument("model", help="checkpoint directory, or models:/NAME@champion")
-    options.add_argument("--beam", type=int, help="beam width for every task (default: each task's `beam`)")
+    options.add_argument(
+        "--beam", type=_positive_int, help="beam width for every task (default: each task's `beam`)"
+    )
     options.add_argument(
         "--tracking-uri", help="MLflow tracking URI for models:/ (default: MLFLOW_TRACKING_URI)"
     )

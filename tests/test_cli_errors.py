@@ -77,6 +77,16 @@ def test_a_missing_checkpoint_is_one_line(capsys, tmp_path):
     assert said == f"mm: {tmp_path}: not a checkpoint directory (no dense.pt)"
 
 
+@pytest.mark.parametrize("option", ["--beam", "--examples"])
+@pytest.mark.parametrize("value", ["0", "-2", "x"])
+def test_a_beam_or_example_count_below_one_is_refused(capsys, tmp_path, option, value):
+    with pytest.raises(SystemExit) as exit_:
+        main(["evaluate", str(tmp_path), option, value])
+    said = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert f"argument {option}: expected a whole number of at least 1, got '{value}'" in said
+
+
 def test_the_mm_command_says_one_line_on_stderr_for_a_missing_checkpoint(tmp_path):
     """The real command: nothing else (an import-time warning, a log line) reaches stderr."""
     mm = Path(sys.executable).with_name("mm")
