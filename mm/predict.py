@@ -62,12 +62,18 @@ class Predictor:
             names = self.records[task].get("class_names")
             index = int(classes[0, 0])
             return names[index] if names else str(index)
+        return self.vocab.decode(self.generate(task, batch)[0])
+
+    def generate(self, task: str, batch: Batch) -> list[list[int]]:
+        """Token ids of each output, decoded as the task's config asks: its longest output, its
+        beam (unless this predictor has one for every task), its constraint."""
         config = self.config.task(task)
-        constraint = decoding_constraint(config, self.vocab.pieces)
-        outputs = self.model.generate(
-            batch, max_len=config.max_target_length, beam=self.beam or config.beam, constraint=constraint
+        return self.model.generate(
+            batch,
+            max_len=config.max_target_length,
+            beam=self.beam or config.beam,
+            constraint=decoding_constraint(config, self.vocab.pieces),
         )
-        return self.vocab.decode(outputs[0])
 
     def batch(self, task: str, values: list[str | bytes], sources: list[str] | None = None) -> Batch:
         """The requests as shard rows, collated as training and evaluation collate them."""
@@ -127,17 +133,11 @@ class Predictor:
 
     def decoded_examples(self, task: str, split: str = "dev", count: int = 3) -> list[dict[str, str]]:
         """A few outputs of a text task beside their references: {id, input, output, reference}."""
-        spec, config = self.specs[task], self.config.task(task)
+        spec = self.specs[task]
         rows = read_rows(self.config.data.shards, task, split, count)
         batch = evaluation_batches(spec, rows, 0, 1, count)[0]
-        outputs = self.model.generate(
-            batch,
-            max_len=config.max_target_length,
-            beam=self.beam or config.beam,
-            constraint=decoding_constraint(config, self.vocab.pieces),
-        )
         examples = []
-        for i, ids in enumerate(outputs):
+        for i, ids in enumerate(self.generate(task, batch)):
             reference = batch.references[i]
             shown_input = self.vocab.decode(batch.inputs[i].tolist()) if spec.input_modality == "text" else ""
             examples.append(
