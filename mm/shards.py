@@ -121,7 +121,8 @@ def collate(task: TaskSpec, rows: Mapping[str, Sequence[Any]], max_input: int | 
         inputs, lengths = _stack_padded(arrays)
         lengths = lengths if modality == "audio" else None
     if task.output_modality == "class":
-        targets = torch.as_tensor(np.asarray(rows["targets"], dtype=np.int64))
+        # a copy: Arrow's zero-copy labels are read-only, which torch warns of in every worker
+        targets = torch.tensor(np.asarray(rows["targets"], dtype=np.int64))
     else:
         targets = pad_sequences([list(t) for t in rows["targets"]])
     references = (

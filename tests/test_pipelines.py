@@ -296,3 +296,22 @@ def test_shards_train_the_model(prepared):
         optimizer.step()
         changed = sum(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
         assert changed > 0, spec.name
+
+
+def test_read_only_class_labels_from_arrow_collate_without_a_warning_into_labels_of_the_batch(recwarn):
+    """Arrow hands out a numeric column zero-copy, read-only; the batch must own its labels
+    (torch warned in every Ray worker before, and writing to them would write into Arrow)."""
+    labels = pa.array([3, 0, 2], type=pa.int64()).to_numpy(zero_copy_only=True)
+    assert not labels.flags.writeable
+    image = np.zeros((4, 4, 3), dtype=np.uint8)
+    rows = {
+        "inputs": [image.tobytes()] * 3,
+        "input_shape": [list(image.shape)] * 3,
+        "targets": labels,
+        "id": ["a", "b", "c"],
+    }
+    batch = collate(TaskSpec("images", "image_classification", FIRST_COMMAND_ID, 4), rows)
+    assert batch.targets.tolist() == [3, 0, 2]
+    batch.targets[0] = 1
+    assert labels[0] == 3  # a copy, not a view of Arrow's buffer
+    assert not [w for w in recwarn if "not writable" in str(w.message)]
