@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from mm.config import Config
     from mm.reader import TaskStream
+    from mm.shards import Manifest
     from mm.tasks import TaskSpec
+    from mm.vocab import Vocabulary
 
 
 def seconds(fn: Callable[[], object]) -> float:
@@ -40,6 +42,19 @@ def compare(
 
 def emit(result: dict) -> None:
     print(json.dumps(result), flush=True)
+
+
+def shard_tasks(config: Config) -> tuple[Vocabulary, dict[str, Manifest], list[TaskSpec]]:
+    """The config's prepared shards as a model is built from them: the vocabulary, each task's
+    manifest and the task specs."""
+    from mm.build import task_specs
+    from mm.reader import load_manifests
+    from mm.shards import VOCAB
+    from mm.vocab import Vocabulary
+
+    vocab = Vocabulary.load(f"{config.data.shards}/{VOCAB}")
+    manifests = load_manifests(config)
+    return vocab, manifests, task_specs(config, vocab, manifests)
 
 
 def train_streams(config: Config, specs: list[TaskSpec]) -> dict[str, TaskStream]:

@@ -19,20 +19,16 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 
-from benchmarks.common import emit, train_streams
-from mm.build import task_specs
+from benchmarks.common import emit, shard_tasks, train_streams
 from mm.config import ConfigError, load_config
 from mm.evaluate import score_task
 from mm.metrics import count_routing, load_cv, routing_entropy
 from mm.model import MultiModel
-from mm.reader import EVAL_SPLIT, evaluation_batches, load_manifests, read_rows, train_rows
-from mm.shards import VOCAB
+from mm.reader import EVAL_SPLIT, evaluation_batches, read_rows, train_rows
 from mm.train import Trainer
-from mm.vocab import Vocabulary
 from tune.studies import Arm, arm_config
 
 
@@ -56,9 +52,7 @@ def main() -> None:
             known = ", ".join(config.task_names)
             parser.error(f"--tasks: {', '.join(unknown)} not in {args.config} ({known})")
         config = arm_config(config, Arm("probe", tasks, args.steps), config.seed)
-    vocab = Vocabulary.load(Path(config.data.shards) / VOCAB)
-    manifests = load_manifests(config)
-    specs = task_specs(config, vocab, manifests)
+    vocab, manifests, specs = shard_tasks(config)
     streams = train_streams(config, specs)
     dev = {
         s.name: evaluation_batches(

@@ -19,21 +19,17 @@ import argparse
 import os
 import statistics
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from benchmarks.common import emit, seconds, train_streams
-from mm.build import task_specs
+from benchmarks.common import emit, seconds, shard_tasks, train_streams
 from mm.config import load_config
 from mm.model import MultiModel
 from mm.parallel import DataExpertParallel, free_port
-from mm.reader import load_manifests, train_rows
-from mm.shards import VOCAB
+from mm.reader import train_rows
 from mm.train import Trainer
-from mm.vocab import Vocabulary
 
 WORLD = 2
 
@@ -47,9 +43,7 @@ def rank_main(rank: int, port: int, args: argparse.Namespace, results) -> None:
         e: load_config(args.config, [*args.override, f"model.moe.num_experts={e}"]) for e in args.experts
     }
     config = configs[args.experts[0]]
-    vocab = Vocabulary.load(Path(config.data.shards) / VOCAB)
-    manifests = load_manifests(config)
-    specs = task_specs(config, vocab, manifests)
+    vocab, manifests, specs = shard_tasks(config)
     trainers = {}
     for experts, variant in configs.items():
         torch.manual_seed(config.seed)

@@ -17,18 +17,14 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 
-from benchmarks.common import emit, train_streams
-from mm.build import task_specs
+from benchmarks.common import emit, shard_tasks, train_streams
 from mm.config import load_config
 from mm.model import MultiModel, matmul_peak_gflops, training_flops
-from mm.reader import load_manifests, train_rows
-from mm.shards import VOCAB
+from mm.reader import train_rows
 from mm.train import Trainer
-from mm.vocab import Vocabulary
 
 
 def achieved_gflops(trainer: Trainer, batches: list, device: str) -> tuple[float, float]:
@@ -57,9 +53,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = load_config(args.config, [f"train.precision={args.dtype}", *args.override])
-    vocab = Vocabulary.load(Path(config.data.shards) / VOCAB)
-    manifests = load_manifests(config)
-    specs = task_specs(config, vocab, manifests)
+    vocab, manifests, specs = shard_tasks(config)
     streams = train_streams(config, specs)
     torch.manual_seed(config.seed)
     model = MultiModel(config.model, specs, vocab.size).to(args.device)

@@ -14,20 +14,16 @@ import argparse
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-from benchmarks.common import emit, train_streams
+from benchmarks.common import emit, shard_tasks, train_streams
 from cluster.job import train
 from cluster.session import connect
-from mm.build import task_specs
 from mm.config import load_config
 from mm.model import MultiModel
-from mm.reader import load_manifests, train_rows
-from mm.shards import VOCAB
+from mm.reader import train_rows
 from mm.train import Trainer, fit
-from mm.vocab import Vocabulary
 
 
 def overrides(steps: int, tmp: str) -> list[str]:
@@ -46,9 +42,7 @@ def overrides(steps: int, tmp: str) -> list[str]:
 
 def plain_step_seconds(config) -> float:
     torch.set_num_threads(1)
-    vocab = Vocabulary.load(Path(config.data.shards) / VOCAB)
-    manifests = load_manifests(config)
-    specs = task_specs(config, vocab, manifests)
+    vocab, manifests, specs = shard_tasks(config)
     torch.manual_seed(config.seed)
     trainer = Trainer(
         MultiModel(config.model, specs, vocab.size),

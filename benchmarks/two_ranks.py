@@ -22,8 +22,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from benchmarks.common import emit, train_streams
-from mm.parallel import free_port
+from benchmarks.common import emit, shard_tasks, train_streams
+from mm.config import ConfigError, load_config
+from mm.model import MultiModel
+from mm.parallel import DataExpertParallel, free_port
+from mm.reader import train_rows
+from mm.shards import ShardError
+from mm.train import Trainer
+from mm.vocab import VocabularyError
 
 COLLECTIVES = ("all_to_all_single", "all_reduce", "all_gather")
 
@@ -45,16 +51,8 @@ def timed_collectives() -> dict[str, float]:
     return spent
 
 
-def measure(rank: int, world: int, port: int | None, config_path: str, steps: int, results) -> None:
-    from mm.build import task_specs
-    from mm.config import load_config
-    from mm.model import MultiModel
-    from mm.parallel import DataExpertParallel
-    from mm.reader import load_manifests, train_rows
-    from mm.shards import VOCAB
-    from mm.train import Trainer
-    from mm.vocab import Vocabulary
-
+def measure(rank: int, world: int, port: int | None, config, steps: int, results) -> None:
+    """One process's examples/s (and, on gloo ranks, its collectives' milliseconds a step)."""
     torch.set_num_threads(1)
     spent = timed_collectives()
     parallel = None
@@ -63,10 +61,7 @@ def measure(rank: int, world: int, port: int | None, config_path: str, steps: in
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
             timeout=timedelta(seconds=120),
         )  # fmt: skip
-    config = load_config(config_path)
-    vocab = Vocabulary.load(f"{config.data.shards}/{VOCAB}")
-    manifests = load_manifests(config)
-    specs = task_specs(config, vocab, manifests)
+    vocab, manifests, specs = shard_tasks(config)
     torch.manual_seed(config.seed)
     model = MultiModel(config.model, specs, vocab.size)
     if port is not None:
@@ -89,7 +84,8 @@ def measure(rank: int, world: int, port: int | None, config_path: str, steps: in
         dist.destroy_process_group()
 
 
-def run(world: int, talk: bool, config: str, steps: int) -> list[tuple[int, float, dict]]:
+def run(world: int, talk: bool, config, steps: int) -> list[tuple[int, float, dict]]:
+    """`world` forked processes (they inherit the parsed config), joined by gloo if `talk`."""
     context = mp.get_context("fork")
     results = context.SimpleQueue()
     port = free_port() if talk else None
@@ -111,9 +107,14 @@ def main() -> None:
     parser.add_argument("--config", default="configs/starter.yaml")
     parser.add_argument("--steps", type=int, default=150)
     args = parser.parse_args()
-    ((_, alone, _),) = run(1, False, args.config, args.steps)
-    side_by_side = run(2, False, args.config, args.steps)
-    ranks = run(2, True, args.config, args.steps)
+    try:  # a wrong path or missing shards: one line here, not a traceback in every process
+        config = load_config(args.config)
+        shard_tasks(config)
+    except (ConfigError, ShardError, VocabularyError) as err:
+        parser.error(str(err))
+    ((_, alone, _),) = run(1, False, config, args.steps)
+    side_by_side = run(2, False, config, args.steps)
+    ranks = run(2, True, config, args.steps)
     two_ranks = sum(rate for _, rate, _ in ranks)
     emit(
         {
