@@ -43,10 +43,12 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
         ) from None
 
 
-def client(uri: str):
+def client(uri: str | None):
+    """A client of the tracking server at `uri` and of its model registry (not the registry
+    that MLFLOW_REGISTRY_URI or `mlflow.set_registry_uri` may name for the process)."""
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def experiment_id(uri: str, config: Config) -> str:

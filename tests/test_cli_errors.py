@@ -196,10 +196,15 @@ def test_a_local_checkpoint_is_used_in_place_and_left_alone(checkpoint):
 
 def test_a_registry_download_is_removed_after_use(capsys, checkpoint, tmp_path, monkeypatch):
     """A registered version whose artifacts are the checkpoint, in a sqlite registry: the
-    download is found, used and removed, by `checkpoint_from` and by `mm predict`."""
+    download is found, used and removed, by `checkpoint_from` and by `mm predict`. The registry
+    is the one named, not the process's: MLFLOW_TRACKING_URI names a server that is not there."""
     from mlflow import MlflowClient
 
+    from mm.parallel import free_port
+
     monkeypatch.chdir(tmp_path)  # MLflow's defaults (./mlflow.db) land here, not in the checkout
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a wrong turn fails at once
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri, registry_uri=uri)
     experiment = client.create_experiment("cli", artifact_location=(tmp_path / "art").as_uri())
@@ -218,8 +223,13 @@ def test_a_registry_download_is_removed_after_use(capsys, checkpoint, tmp_path, 
     main(["predict", "models:/tiny/1", "--tracking-uri", uri, "--task", "wmt", "hello world"])
     assert capsys.readouterr().out.strip() != "" and mm_model_folders() == before
 
-    said = one_line_error(capsys, ["predict", "models:/absent/1", "--tracking-uri", uri, "--task", "t", "x"])
+    def predict(model: str) -> str:
+        return one_line_error(capsys, ["predict", model, "--tracking-uri", uri, "--task", "t", "x"])
+
+    said = predict("models:/absent/1")
     assert said.startswith("mm: models:/absent/1: not in the model registry") and mm_model_folders() == before
+    assert predict("models:/tiny@champion").startswith("mm: models:/tiny@champion: not in the model registry")
+    assert predict("models:/tiny") == "mm: models:/tiny: expected models:/NAME/VERSION or models:/NAME@ALIAS"
 
     path = resolve_checkpoint("models:/tiny/1", uri, into=tmp_path / "download")  # the caller's folder
     assert (path / "dense.pt").is_file() and (tmp_path / "download") in path.parents

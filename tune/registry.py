@@ -136,17 +136,20 @@ def resolve_checkpoint(uri_or_path: str, tracking_uri: str | None = None, into: 
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
+    from cluster.tracking import client
+
+    registry = client(tracking_uri)  # the registry is the tracking server's
     target = Path(into) if into is not None else Path(tempfile.mkdtemp(prefix="mm-model-"))
     try:
         try:
-            path = mlflow.artifacts.download_artifacts(  # the registry is the tracking server's
-                artifact_uri=uri_or_path,
+            version = registered_version(registry, uri_or_path)
+            path = mlflow.artifacts.download_artifacts(
+                artifact_uri=registry.get_model_version_download_uri(version.name, version.version),
                 dst_path=str(target),
                 tracking_uri=tracking_uri,
-                registry_uri=tracking_uri,
             )
         except MlflowException as err:
-            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
                 raise
             where = f" at {tracking_uri}" if tracking_uri else ""
             raise CheckpointError(
@@ -160,6 +163,22 @@ def resolve_checkpoint(uri_or_path: str, tracking_uri: str | None = None, into: 
             shutil.rmtree(target, ignore_errors=True)
         raise
     return found[0].parent
+
+
+def registered_version(registry, uri: str):
+    """The version that `models:/NAME/VERSION` or `models:/NAME@ALIAS` names, looked up in
+    `registry` (an MlflowClient). MLflow's own download of such a URI asks the process-wide
+    registry (MLFLOW_TRACKING_URI, `mlflow.set_tracking_uri`) whatever registry_uri it is
+    given, so `--tracking-uri` would be ignored wherever that points elsewhere."""
+    from mm.checkpoint import CheckpointError
+
+    name, at, alias = uri.removeprefix("models:/").partition("@")
+    if at:
+        return registry.get_model_version_by_alias(name, alias)
+    name, _, number = name.rpartition("/")
+    if not name or not number.isdigit():
+        raise CheckpointError(f"{uri}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
+    return registry.get_model_version(name, number)
 
 
 @contextlib.contextmanager
