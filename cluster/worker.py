@@ -278,7 +278,12 @@ class _Run:
         median = float(np.median(steady))
         if self.peak_gflops is None:  # every rank at once, as they share the machine when training
             dtype = torch.bfloat16 if self.config.train.precision == "bf16" else torch.float32
-            self.peak_gflops = matmul_peak_gflops(dtype, self.trainer.device.type)
+            device = self.trainer.device.type
+            # On CPU a 1024² matmul reaches the GFLOP/s of a 2048² one (one thread: 89 and 81
+            # against 75 and 80) at an eighth of the cost, which was 2 s of each worker in each
+            # run; a GPU needs 8192² (as benchmarks/gpu_check) to come near its peak.
+            size = 8192 if device == "cuda" else 1024
+            self.peak_gflops = matmul_peak_gflops(dtype, device, size=size)
         gflops = sum(self.step_flops) * self.world / max(sum(self.step_seconds), 1e-9) / 1e9
         return {
             "perf/step_seconds": median,
