@@ -266,7 +266,7 @@ def _assign(param: nn.Parameter, entry: dict[str, Tensor], name: str, optimizer,
     with torch.no_grad():
         param.copy_(weight)
     if optimizer is not None and all(m in entry for m in MOMENTS):
-        step = entry[STEP].reshape(()).clone()
+        step = entry[STEP].reshape(()).to(param.device, copy=True)  # fused Adam keeps it beside the weight
         optimizer.state[param] = {STEP: step, **{m: entry[m].to(param.device) for m in MOMENTS}}
 
 

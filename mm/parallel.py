@@ -47,16 +47,17 @@ def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
 
 
 def _squared_norm(params: list[nn.Parameter], device: torch.device | str = "cpu") -> Tensor:
-    grads = [p.grad.detach().float() for p in params if p.grad is not None]
-    return torch.stack([g.pow(2).sum() for g in grads]).sum() if grads else torch.zeros((), device=device)
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=device)
+    # one foreach kernel over all gradients, not two small kernels per parameter
+    return torch.nn.utils.get_total_norm(grads, 2.0, foreach=True).float().square()
 
 
 def _scale(params: list[nn.Parameter], norm: float, max_norm: float | None) -> None:
     if max_norm is None or not math.isfinite(norm) or norm <= max_norm:
         return
-    for p in params:
-        if p.grad is not None:
-            p.grad.mul_(max_norm / (norm + 1e-6))
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, torch.tensor(norm), foreach=True)
 
 
 class SingleProcess:

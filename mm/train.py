@@ -143,8 +143,15 @@ class Trainer:
         self.model, self.config, self.device = model, config, torch.device(device)
         self.parallel = parallel or SingleProcess()
         train = config.train
+        # fused: one kernel over every parameter instead of a dozen small ones per parameter
+        # (on CPU too): Adam took 7 % of a starter step as a loop over ~200 small tensors
         self.optimizer = torch.optim.Adam(
-            model.parameters(), lr=train.lr, betas=train.betas, eps=train.eps, weight_decay=train.weight_decay
+            model.parameters(),
+            lr=train.lr,
+            betas=train.betas,
+            eps=train.eps,
+            weight_decay=train.weight_decay,
+            fused=self.device.type in ("cpu", "cuda"),
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, train.warmup_steps)

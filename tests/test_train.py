@@ -111,6 +111,41 @@ def test_train_step_updates_parameters_and_reports(tasks):
     assert logs[0].lr < logs[-1].lr  # still warming up
 
 
+def test_the_fused_adam_step_and_foreach_clipping_match_adam_as_a_loop_over_parameters(tasks, monkeypatch):
+    """The trainer's fused Adam (one kernel over all parameters) and its foreach gradient norm
+    give the weights that torch's reference Adam, one parameter at a time, gives."""
+    config = selftest_config(steps=6, seed=0)
+    config.train.grad_clip = 0.5  # small enough that every step clips
+    config.train.warmup_steps = 0  # the full learning rate from the first step
+    # Attention's key bias has a gradient of exactly zero but for rounding, which an eps of
+    # 1e-9 turns into full-size steps of either sign: such noise is not what is compared here.
+    config.train.eps = 1e-6
+    reference_adam = torch.optim.Adam
+    weights, losses = {}, {}
+    for fused in (True, False):
+        if not fused:  # the same trainer, its Adam a loop over parameters
+            monkeypatch.setattr(
+                torch.optim, "Adam", lambda *args, **kw: reference_adam(*args, **{**kw, "fused": False})
+            )
+        torch.manual_seed(0)
+        model = tiny_model()
+        trainer = Trainer(model, config)
+        assert trainer.optimizer.defaults["fused"] is fused
+        data = SyntheticData(0)
+        logs = [trainer.train_step(lambda name, data=data: data.batch(tasks[name], 4)) for _ in range(6)]
+        assert all(log.grad_norm > 0.5 for log in logs)
+        losses[fused] = [log.loss for log in logs]
+        weights[fused] = [p.detach().clone() for p in model.parameters()]
+    torch.manual_seed(0)
+    initial = [p.detach() for p in tiny_model().parameters()]
+    moves = [(a - start).norm() for a, start in zip(weights[True], initial, strict=True)]
+    gaps = [(a - b).norm() for a, b in zip(weights[True], weights[False], strict=True)]
+    assert sum(moves) > 1.0  # six steps at the full learning rate moved the weights ...
+    # ... the same way, to rounding
+    assert all(gap <= 0.01 * move + 1e-6 for gap, move in zip(gaps, moves, strict=True))
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
+
+
 def test_bf16_autocast_training_on_cpu_tracks_fp32(tasks):
     """`train.precision: bf16` on CPU: every kind of task runs (the MoE combine once failed on
     mixed dtypes), the weights stay fp32, and the losses follow the fp32 run's."""
