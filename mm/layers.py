@@ -94,7 +94,7 @@ class SeparableConv(nn.Module):
             x = F.pad(x, (0, 0, self.reach // 2, self.reach // 2))
         dilation = self.depthwise.dilation[0]
         if decoding_one:  # one new position: its taps are every dilation-th of the window
-            return F.linear(x[:, ::dilation].flatten(1), *self._fused_weights()).unsqueeze(1)
+            return F.linear(x[:, ::dilation].flatten(1), *self._fused_weights(cache)).unsqueeze(1)
         length = x.shape[1] - self.reach
         weight = self.depthwise.weight[:, 0, :]  # [C, kernel]
         h = x[:, :length] * weight[:, 0]
@@ -102,20 +102,22 @@ class SeparableConv(nn.Module):
             h = h + x[:, tap * dilation : tap * dilation + length] * weight[:, tap]
         return F.linear(h, self.pointwise.weight[:, :, 0], self.pointwise.bias)
 
-    def _fused_weights(self) -> tuple[Tensor, Tensor]:
+    def _fused_weights(self, cache: dict[str, Any]) -> tuple[Tensor, Tensor]:
         """Depthwise and pointwise as one [C_out, kernel * C] matrix over a position's taps.
 
         Decoding one token is a few dozen tiny kernels per layer, each costing its launch more
-        than its FLOPs: one matmul instead of a multiply, a sum and a matmul. Made again
-        whenever either weight has changed in place (an optimiser step, a checkpoint load)."""
-        depthwise, pointwise = self.depthwise.weight, self.pointwise.weight
-        versions = (depthwise._version, pointwise._version, depthwise.data_ptr(), pointwise.data_ptr())
-        fused = getattr(self, "_fused", None)
-        if fused is None or fused[0] != versions:
+        than its FLOPs: one matmul instead of a multiply, a sum and a matmul. Made once per
+        decoding (kept in its cache, as a tuple so that beam reordering leaves it alone), never
+        kept on the module: fused Adam updates the weights without bumping their version
+        counter, so a matrix kept across optimiser steps would silently decode with old weights.
+        """
+        fused = cache.get("fused")
+        if fused is None:
+            depthwise, pointwise = self.depthwise.weight, self.pointwise.weight
             with torch.no_grad():  # [C_out, 1, C] * [1, kernel, C]: out[o, t*C + c] = pw[o, c] * dw[c, t]
                 matrix = (pointwise[:, None, :, 0] * depthwise[:, 0, :].t()[None]).flatten(1)
-            fused = self._fused = (versions, matrix)
-        return fused[1], self.pointwise.bias
+            fused = cache["fused"] = (matrix, self.pointwise.bias)
+        return fused
 
     def _left_context(self, x: Tensor, cache: dict[str, Any] | None) -> Tensor:
         """[B, T, C] with the `reach` positions before it: zeros, or the cached past."""
