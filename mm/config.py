@@ -251,6 +251,11 @@ class TrainConfig(Section):
     steps: int = Field(1000, ge=1)
     lr: float = Field(1e-3, gt=0, description="peak learning rate, reached after warm-up")
     warmup_steps: int = Field(100, ge=0)
+    # The last `cooldown` (a fraction) of `steps` take the learning rate linearly down towards
+    # zero: a run then ends at a lower loss than its schedule's curve would, but no longer
+    # continues into a longer run's. A fraction, so that `-o train.steps=N` keeps it in
+    # proportion. 0: no cool-down.
+    cooldown: float = Field(0.0, ge=0, le=1)
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-9
     weight_decay: float = Field(0.0, ge=0)

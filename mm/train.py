@@ -83,12 +83,14 @@ def derived_seed(*keys: int) -> int:
     return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
 
 
-def lr_factor(step: int, warmup: int) -> float:
-    """Linear warm-up for `warmup` steps, then decay as 1/sqrt(step); 1.0 at the peak."""
-    if warmup <= 0:
-        return 1.0
+def lr_factor(step: int, warmup: int, total: int | None = None, cooldown: int = 0) -> float:
+    """Linear warm-up for `warmup` steps, then decay as 1/sqrt(step); 1.0 at the peak. With a
+    `cooldown`, the last `cooldown` of `total` steps also ramp linearly down towards zero."""
     step += 1
-    return min(step / warmup, math.sqrt(warmup / step))
+    factor = 1.0 if warmup <= 0 else min(step / warmup, math.sqrt(warmup / step))
+    if cooldown > 0 and total is not None:
+        factor *= min(1.0, (total - step + 1) / cooldown)
+    return factor
 
 
 @dataclass
@@ -153,8 +155,9 @@ class Trainer:
             weight_decay=train.weight_decay,
             fused=self.device.type in ("cpu", "cuda"),
         )
+        cooldown_steps = round(train.cooldown * train.steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, train.warmup_steps)
+            self.optimizer, lambda s: lr_factor(s, train.warmup_steps, train.steps, cooldown_steps)
         )
         ratios = {t.name: t.mix_weight for t in config.tasks if t.mix_weight is not None}
         self.sampler = TaskSampler(config.task_names, train.mixing, config.seed, sizes, ratios)

@@ -96,6 +96,22 @@ def test_learning_rate_warms_up_linearly_then_decays_as_inverse_square_root():
     assert lr_factor(10, 0) == 1.0
 
 
+def test_a_cooldown_takes_the_last_steps_of_the_run_linearly_towards_zero(tasks):
+    config = selftest_config(steps=40, seed=0)
+    config.train.warmup_steps, config.train.cooldown = 0, 0.25
+    trainer = Trainer(tiny_model(), config)
+    rates = []
+    for _ in range(40):
+        rates.append(trainer.scheduler.get_last_lr()[0])
+        trainer.scheduler.step()
+    peak = config.train.lr
+    assert rates[:30] == pytest.approx([peak] * 30)  # untouched before the last quarter
+    assert rates[30:] == pytest.approx([peak * (10 - i) / 10 for i in range(10)])  # 10 steps down
+    assert all(a > b > 0 for a, b in zip(rates[30:], rates[31:]))
+    # with warm-up, the cool-down scales the inverse-square-root curve, not the peak
+    assert lr_factor(899, 100, 1000, 200) == pytest.approx((100 / 900) ** 0.5 * 101 / 200)
+
+
 def test_train_step_updates_parameters_and_reports(tasks):
     config = selftest_config(steps=4, seed=0)
     config.train.grad_accum = 2
