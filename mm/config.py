@@ -256,6 +256,9 @@ class TrainConfig(Section):
     # continues into a longer run's. A fraction, so that `-o train.steps=N` keeps it in
     # proportion. 0: no cool-down.
     cooldown: float = Field(0.0, ge=0, le=1)
+    # Where the learning-rate schedule (its cool-down) ends, when a run stops before it: a PBT
+    # trial trains in segments, each stopping at its own `steps`. None: at `steps`.
+    schedule_steps: int | None = Field(None, ge=1)
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-9
     weight_decay: float = Field(0.0, ge=0)

@@ -155,9 +155,10 @@ class Trainer:
             weight_decay=train.weight_decay,
             fused=self.device.type in ("cpu", "cuda"),
         )
-        cooldown_steps = round(train.cooldown * train.steps)
+        horizon = train.schedule_steps or train.steps
+        cooldown_steps = round(train.cooldown * horizon)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, train.warmup_steps, train.steps, cooldown_steps)
+            self.optimizer, lambda s: lr_factor(s, train.warmup_steps, horizon, cooldown_steps)
         )
         ratios = {t.name: t.mix_weight for t in config.tasks if t.mix_weight is not None}
         self.sampler = TaskSampler(config.task_names, train.mixing, config.seed, sizes, ratios)

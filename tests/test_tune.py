@@ -21,6 +21,7 @@ from PIL import Image
 from cluster.tracking import TrackingError, client, resolve_tracking_uri
 from mm.config import ConfigError, parse_config
 from mm.parallel import free_port
+from mm.train import lr_factor
 from tune.registry import CHALLENGER, CHAMPION, register_and_promote
 from tune.sweep import pbt_schedule, sweep
 
@@ -215,7 +216,9 @@ def test_a_sweep_over_a_task_without_a_dev_split_is_refused_before_any_trial(tmp
 
 def test_population_based_training_runs_trials_in_segments_and_keeps_the_mixing_schedule(ray_local, tmp_path):
     write_shards(tmp_path / "shards")
-    raw = config_dict(tmp_path / "shards", tmp_path, steps=6, train={"eval_every": 3})
+    # a cool-down over the last half of the whole run, not of each segment
+    raw = config_dict(tmp_path / "shards", tmp_path, steps=6, train={"eval_every": 3, "cooldown": 0.5})
+    raw["train"]["log_every"] = 1
     raw["cluster"]["workers"] = 1
     raw["tune"] = {
         "trials": 2,
@@ -241,6 +244,10 @@ def test_population_based_training_runs_trials_in_segments_and_keeps_the_mixing_
         assert trial.name.startswith(run.info.run_name + "_")  # the trial folder: name_params_date
         resumed = mlflow.get_metric_history(trial.run_id, "train/resumed_at_step")
         assert [m.value for m in resumed] == [3.0]  # its second segment, not the other trial's
+        rates = sorted((m.step, m.value) for m in mlflow.get_metric_history(trial.run_id, "train/lr"))
+        expected = [(s + 1, 3e-3 * lr_factor(s, 2, 6, 3)) for s in range(6)]
+        assert [step for step, _ in rates] == [1, 2, 3, 4, 5, 6]
+        assert [rate for _, rate in rates] == pytest.approx([rate for _, rate in expected])
     assert len({t.run_id for t in result.trials}) == 2
     # synchronous PBT: the worse trial continued from the better one's step-3 checkpoint, so both
     # schedules start with the better one's weights. The copy's perturbed weights add a phase at

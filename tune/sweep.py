@@ -145,6 +145,7 @@ def _run_in_segments(config: Config, name: str, parent_run_id: str) -> None:
     # a checkpoint copied from another trial names that trial's MLflow run, not ours
     run_id = state.get("run_id") if state.get("trial") == name else _trial_run(config, name, parent_run_id)
     shares = mixing_ratios(config, train_rows(load_manifests(config)))
+    config.train.schedule_steps = total  # each segment stops early; the cool-down ends the whole run
     while step < total:
         schedule = with_phase(schedule, step, shares)
         config.train.steps = min(step + config.tune.pbt_interval, total)
