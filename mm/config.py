@@ -273,6 +273,14 @@ class TrainConfig(Section):
     precision: Literal["fp32", "bf16"] = "fp32"
     compile: bool = False
 
+    @model_validator(mode="after")
+    def _schedule_covers_the_run(self) -> TrainConfig:
+        if self.schedule_steps is not None and self.schedule_steps < self.steps:
+            raise ValueError(
+                f"schedule_steps={self.schedule_steps} ends before the run does (steps={self.steps})"
+            )
+        return self
+
 
 class ClusterConfig(Section):
     """Where and how wide training runs (Ray Train)."""

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from mm.config import MixingConfig
+from mm.config import MixingConfig, TrainConfig
 from mm.selftest import selftest_config
 from mm.synthetic import SyntheticData
 from mm.train import TaskSampler, Trainer, lr_factor
@@ -108,6 +108,14 @@ def test_a_cooldown_takes_the_last_steps_of_the_run_linearly_towards_zero(tasks)
     assert rates[:30] == pytest.approx([peak] * 30)  # untouched before the last quarter
     assert rates[30:] == pytest.approx([peak * (10 - i) / 10 for i in range(10)])  # 10 steps down
     assert all(a > b > 0 for a, b in zip(rates[30:], rates[31:]))
+    # a run that stops early (a PBT segment) follows the schedule of the whole run
+    config.train.schedule_steps = 80
+    segment = Trainer(tiny_model(), config)
+    for _ in range(40):
+        assert segment.scheduler.get_last_lr()[0] == pytest.approx(peak)
+        segment.scheduler.step()
+    with pytest.raises(ValueError, match="schedule_steps=20 ends before the run does"):
+        TrainConfig(steps=40, schedule_steps=20)
     # with warm-up, the cool-down scales the inverse-square-root curve, not the peak
     assert lr_factor(899, 100, 1000, 200) == pytest.approx((100 / 900) ** 0.5 * 101 / 200)
 
