@@ -23,8 +23,8 @@ from mm.evaluate import decoding_constraint, score_task
 from mm.media import AudioSettings, MediaError, load_image, load_log_mel
 from mm.metrics import aggregate_score
 from mm.model import MultiModel
-from mm.reader import evaluation_batches, read_rows
-from mm.shards import array_to_bytes, collate
+from mm.reader import evaluation_batches, read_rows, require_vocabulary
+from mm.shards import array_to_bytes, collate, load_manifest
 from mm.tasks import TaskSpec
 from mm.vocab import Vocabulary
 
@@ -123,6 +123,8 @@ class Predictor:
         every input blanked (the input-blind score)."""
         root = shards or self.config.data.shards
         limit = examples or self.config.train.eval_examples
+        for name in self.specs:
+            self.require_vocabulary(root, name)  # before any scoring: all or nothing
         scores = {}
         for name, spec in self.specs.items():
             task = self.config.task(name)
@@ -131,8 +133,17 @@ class Predictor:
             scores[name] = score_task(self.model, task, batches, self.vocab, self.beam, blind=blind)
         return scores
 
+    def require_vocabulary(self, root: str | Path, task: str) -> None:
+        """A text task's shards must hold ids of this checkpoint's vocabulary. Shards remade
+        since (another seed's starter, a new `mm prepare`) would be scored as noise."""
+        spec = self.specs[task]
+        if spec.input_modality == "text" or spec.output_modality != "class":
+            remedy = "score it on the shards it was trained on (--shards)"
+            require_vocabulary(load_manifest(root, task), self.vocab.sha256, "this checkpoint's", remedy)
+
     def decoded_examples(self, task: str, split: str = "dev", count: int = 3) -> list[dict[str, str]]:
         """A few outputs of a text task beside their references: {id, input, output, reference}."""
+        self.require_vocabulary(self.config.data.shards, task)
         spec = self.specs[task]
         rows = read_rows(self.config.data.shards, task, split, count)
         batch = evaluation_batches(spec, rows, 0, 1, count)[0]

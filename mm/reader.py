@@ -50,11 +50,19 @@ def check_shards(config: Config, vocab: Vocabulary, manifests: Mapping[str, Mani
                 f"{', '.join(sorted(manifest.splits)) or 'none'}); name its held-out split "
                 f"{EVAL_SPLIT!r} in corpus.splits, e.g. splits: {{train: ..., {EVAL_SPLIT}: val}}"
             )
-        if manifest.vocab_sha256 != vocab.sha256:
-            raise ShardError(
-                f"task {task.name!r}: shards were made with vocabulary {manifest.vocab_sha256[:12]}, "
-                f"not {vocab.sha256[:12]} ({config.data.shards}/vocab.model); run `mm prepare` again"
-            )
+        require_vocabulary(
+            manifest, vocab.sha256, f"{config.data.shards}/vocab.model", "run `mm prepare` again"
+        )
+
+
+def require_vocabulary(manifest: Manifest, sha256: str, whose: str, remedy: str) -> None:
+    """Token ids mean nothing under another vocabulary: a model fed them trains or scores on
+    noise (text scores near 0 that read as a result), so a mismatch is an error."""
+    if manifest.vocab_sha256 != sha256:
+        raise ShardError(
+            f"task {manifest.task!r}: shards were made with vocabulary {manifest.vocab_sha256[:12]}, "
+            f"not {sha256[:12]} ({whose}); {remedy}"
+        )
 
 
 class TaskStream:

@@ -360,6 +360,28 @@ def test_mm_evaluate_on_a_split_that_does_not_exist_is_an_error_not_a_perfect_sc
     assert "splits there: dev, test, train" in err
 
 
+def test_mm_evaluate_on_shards_of_another_vocabulary_is_an_error_not_a_score(
+    two_worker_run, shards, tmp_path, capsys
+):
+    # e.g. the starter rebuilt with another seed after the run: same paths, other token ids,
+    # and every text score near 0 (a checkpoint's config names its shards by absolute path)
+    from mmcli.main import main
+
+    remade = tmp_path / "remade"
+    shutil.copytree(shards, remade)
+    manifest = remade / "reverse" / "manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "vocab_sha256": "f" * 64}))
+    with pytest.raises(SystemExit) as exit_:
+        main(["evaluate", str(two_worker_run[0].checkpoint), "--shards", str(remade)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err
+    assert "task 'reverse': shards were made with vocabulary ffffffffffff, not " in err
+    assert "(this checkpoint's); score it on the shards it was trained on (--shards)" in err
+    # the shards it was trained on still score
+    assert main(["evaluate", str(two_worker_run[0].checkpoint), "--shards", str(shards)]) is None
+
+
 def test_report_of_a_run_has_metrics_beside_chance_and_input_blind_curves_routing_and_a_summary(
     two_worker_run, shards, tmp_path
 ):
