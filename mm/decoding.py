@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -83,8 +82,8 @@ def beam_search(
 ) -> list[list[int]]:
     """Beam search with GNMT length normalisation ((5 + length) / 6) ** alpha.
 
-    `state` must already hold `beam` copies of every row (row b's copies at b*beam .. b*beam+beam-1)
-    and `first` the matching start tokens.
+    `first` holds the start tokens of `beam` hypotheses per row (row b's at b*beam .. b*beam+beam-1);
+    `step` advances all of them, and `state.reorder` only ever moves a hypothesis within its row.
     """
     batch = len(first) // beam
     scores = torch.full((batch, beam), float("-inf"), device=first.device)
@@ -155,18 +154,6 @@ def _until_eos(tokens: list[int], eos: int) -> list[int]:
 # ------------------------------------------------------------------------------ parse trees
 
 
-@dataclass
-class _Tree:
-    """One hypothesis's tree so far."""
-
-    words: int  # leaves it must have: one per input word
-    leaves: int = 0
-    open: list[int] = field(default_factory=list)  # labels of the open brackets, innermost last
-    filled: list[bool] = field(default_factory=list)  # whether each open bracket has a child yet
-    started: bool = False
-    ended: bool = False  # EOS taken
-
-
 class TreeConstraint:
     """Vinyals-style trees (`(S (NP XX XX )NP XX )S`) that are well formed, as one tree whose
     closing brackets match their labels and have a child, with exactly one XX per input word.
@@ -174,6 +161,10 @@ class TreeConstraint:
     Works on a vocabulary whose tree symbols are whole pieces ("▁(NP", "▁)NP", "▁XX"; see
     `pipelines.vocabulary`); other pieces are never chosen. The length budget is kept: an
     opening bracket or a leaf is only allowed while the rest of the tree still fits in max_len.
+
+    Every hypothesis's tree so far is a row of tensors (its leaves, its open brackets' labels
+    innermost last, whether each has a child yet), so a beam of hundreds of hypotheses is
+    masked and advanced by a few whole-batch operations, not a Python loop per hypothesis.
     """
 
     OPEN, CLOSE = re.compile(r"^▁\((\S+)$"), re.compile(r"^▁\)(\S+)$")
@@ -191,7 +182,13 @@ class TreeConstraint:
         self.is_eos = torch.zeros(len(pieces), dtype=torch.bool)
         self.is_eos[eos] = True
         self.word_start = torch.tensor([p.startswith("▁") for p in pieces])
-        self.trees: list[_Tree] = []
+        # the only pieces a tree is made of: masks are worked out over these columns alone
+        symbol = (self.open_label >= 0) | (self.close_label >= 0) | self.is_leaf | self.is_eos
+        self.symbols = symbol.nonzero()[:, 0]
+        self.symbol_open = self.open_label[self.symbols] >= 0
+        self.symbol_close = self.close_label[self.symbols]
+        self.symbol_leaf, self.symbol_eos = self.is_leaf[self.symbols], self.is_eos[self.symbols]
+        self.start(torch.zeros(0, 0, dtype=torch.long))
 
     @classmethod
     def usable(cls, pieces: list[str]) -> bool:
@@ -201,57 +198,76 @@ class TreeConstraint:
     def start(self, inputs: Tensor, copies: int = 1) -> TreeConstraint:
         """One tree per row of `inputs` (token ids, 0 = padding), each repeated `copies` times
         (beam search): the words are the input's word-initial pieces."""
-        words = self.word_start[inputs.cpu()].logical_and(inputs.cpu() > 0).sum(1).tolist()
-        self.trees = [_Tree(w) for w in words for _ in range(copies)]
+        inputs = inputs.cpu()
+        self.words = self.word_start[inputs].logical_and(inputs > 0).sum(1).repeat_interleave(copies)
+        n = len(self.words)
+        self.leaves = torch.zeros(n, dtype=torch.long)
+        self.depth = torch.zeros(n, dtype=torch.long)  # brackets open
+        self.labels = torch.zeros(n, 8, dtype=torch.long)  # open brackets' labels, innermost at depth-1
+        self.filled = torch.zeros(n, 8, dtype=torch.bool)  # whether each open bracket has a child yet
+        self.started = torch.zeros(n, dtype=torch.bool)
+        self.ended = torch.zeros(n, dtype=torch.bool)  # EOS taken
         return self
 
     def allow(self, log_probs: Tensor, t: int, max_len: int) -> Tensor:
         left = max_len - t - 1  # tokens that may follow this one
-        allowed = torch.stack([self._allowed(tree, left) for tree in self.trees]).to(log_probs.device)
-        return log_probs.masked_fill(~allowed, float("-inf"))
-
-    def _allowed(self, tree: _Tree, left: int) -> Tensor:
-        if tree.ended or (tree.started and not tree.open) or tree.words == 0:
-            return self.is_eos
-        need_after_leaf = tree.words - tree.leaves - 1 + len(tree.open) + 1  # leaves, closes, EOS
-        need_after_open = tree.words - tree.leaves + len(tree.open) + 2
-        allowed = self.open_label >= 0 if tree.leaves < tree.words and need_after_open <= left else None
-        if allowed is None:
-            allowed = torch.zeros_like(self.is_eos)
-        if tree.open:
-            if tree.leaves < tree.words and need_after_leaf <= left:
-                allowed = allowed | self.is_leaf
-            closes_root = len(tree.open) == 1
-            if tree.filled[-1] and (not closes_root or tree.leaves == tree.words):
-                allowed = allowed | (self.close_label == tree.open[-1])
-            if not allowed.any():  # out of budget: the shortest way to a finished tree
-                allowed = self.is_leaf if tree.leaves < tree.words else self.close_label == tree.open[-1]
-        return allowed
+        to_place = self.words - self.leaves
+        inside = self.depth > 0
+        top = self._innermost(self.labels, -1)
+        # what must follow, counted in tokens: the leaves still to place, a close per open
+        # bracket and EOS; an opening bracket adds its own close
+        can_open = (to_place > 0) & (to_place + self.depth + 2 <= left)
+        can_leaf = inside & (to_place > 0) & (to_place + self.depth <= left)
+        closes_root = self.depth == 1
+        can_close = inside & self._innermost(self.filled, False) & (~closes_root | (to_place == 0))
+        closes = self.symbol_close[None, :] == top[:, None]
+        allowed = (
+            (can_open[:, None] & self.symbol_open)
+            | (can_leaf[:, None] & self.symbol_leaf)
+            | (can_close[:, None] & closes)
+        )
+        # out of budget: the shortest way to a finished tree
+        stuck = inside & ~allowed.any(1)
+        shortest = torch.where((to_place > 0)[:, None], self.symbol_leaf, closes)
+        allowed = torch.where(stuck[:, None], shortest, allowed)
+        only_eos = self.ended | (self.started & ~inside) | (self.words == 0)
+        allowed = torch.where(only_eos[:, None], self.symbol_eos, allowed)
+        symbols = self.symbols.to(log_probs.device)
+        masked = torch.full_like(log_probs, float("-inf"))
+        masked[:, symbols] = log_probs[:, symbols].masked_fill(~allowed.to(log_probs.device), float("-inf"))
+        return masked
 
     def advance(self, tokens: Tensor, rows: Tensor | None = None) -> None:
         if rows is not None:
-            self.trees = [_copy(self.trees[r]) for r in rows.tolist()]
-        for tree, token in zip(self.trees, tokens.tolist()):
-            self._take(tree, token)
+            rows = rows.cpu()
+            for name in ("words", "leaves", "depth", "labels", "filled", "started", "ended"):
+                setattr(self, name, getattr(self, name).index_select(0, rows))
+        tokens = tokens.cpu()
+        live = ~self.ended
+        opens = live & (self.open_label[tokens] >= 0)
+        leaf = live & self.is_leaf[tokens]
+        closes = live & (self.close_label[tokens] >= 0)
+        self.ended = self.ended | (live & self.is_eos[tokens])
+        # an opening bracket or a leaf is a child of the innermost open bracket
+        child = (opens | leaf) & (self.depth > 0)
+        innermost = (self.depth - 1).clamp(min=0)
+        self.filled[child, innermost[child]] = True
+        if bool(opens.any()):
+            self._make_room(int(self.depth.max()) + 1)
+            at = self.depth[opens]
+            self.labels[opens, at] = self.open_label[tokens[opens]]
+            self.filled[opens, at] = False
+        self.started = self.started | opens
+        self.leaves = self.leaves + leaf.long()
+        self.depth = self.depth + opens.long() - closes.long()
 
-    def _take(self, tree: _Tree, token: int) -> None:
-        if tree.ended:
-            return
-        if self.is_eos[token]:
-            tree.ended = True
-        elif self.open_label[token] >= 0:
-            if tree.filled:
-                tree.filled[-1] = True
-            tree.open.append(int(self.open_label[token]))
-            tree.filled.append(False)
-            tree.started = True
-        elif self.is_leaf[token]:
-            tree.leaves += 1
-            tree.filled[-1] = True
-        elif self.close_label[token] >= 0:
-            tree.open.pop()
-            tree.filled.pop()
+    def _innermost(self, stack: Tensor, empty) -> Tensor:
+        """Each hypothesis's entry of `stack` for its innermost open bracket (`empty` if none)."""
+        innermost = (self.depth - 1).clamp(min=0)[:, None]
+        return torch.where(self.depth > 0, stack.gather(1, innermost)[:, 0], empty)
 
-
-def _copy(tree: _Tree) -> _Tree:
-    return _Tree(tree.words, tree.leaves, list(tree.open), list(tree.filled), tree.started, tree.ended)
+    def _make_room(self, depth: int) -> None:
+        if depth > self.labels.shape[1]:
+            grow = depth - self.labels.shape[1] + 8
+            self.labels = torch.nn.functional.pad(self.labels, (0, grow))
+            self.filled = torch.nn.functional.pad(self.filled, (0, grow))

@@ -30,7 +30,9 @@ class DecodeState(dict):
         return self.setdefault(module, {})
 
     def reorder(self, index: Tensor) -> None:
-        """Keep the batch rows `index` (beam search re-ranks its hypotheses every step)."""
+        """Keep the batch rows `index` (beam search re-ranks its hypotheses every step). Tuples
+        are what every hypothesis of a row shares (its source's keys and values, the fused conv
+        matrices) and stay as they are."""
         for cache in self.values():
             for key, value in cache.items():
                 if isinstance(value, Tensor) and value.dim() > 0:
@@ -202,18 +204,28 @@ class MultiHeadAttention(nn.Module):
     ) -> Tensor:
         q = self._split(self.query(x))
         k, v = self._keys_values(x if memory is None else memory, memory is not None, cache)
+        # beam search: `copies` consecutive rows of x are hypotheses of one memory row, and
+        # attend to it as one row's queries (one matmul per row, no copies of the memory)
+        copies = len(q) // len(k)
+        if copies > 1:
+            q = q.unflatten(0, (-1, copies)).transpose(1, 2).flatten(2, 3)  # [B, heads, copies*T, d/h]
         mask = self._mask(q.shape[2], k.shape[2], memory_mask, causal, x.device)
         dropout = self.dropout if self.training else 0.0
         h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        if copies > 1:
+            h = h.unflatten(2, (copies, -1)).transpose(1, 2).flatten(0, 1)
         return self.out(h.transpose(1, 2).flatten(2))
 
     def _keys_values(
         self, source: Tensor, fixed: bool, cache: dict[str, Any] | None
     ) -> tuple[Tensor, Tensor]:
-        if cache is not None and fixed and "k" in cache:
-            return cache["k"], cache["v"]  # the encoder output does not change while decoding
+        if cache is not None and fixed and "source" in cache:
+            return cache["source"]  # the encoder output does not change while decoding
         k, v = (self._split(t) for t in self.key_value(source).chunk(2, dim=-1))
-        if cache is not None and not fixed and "k" in cache:
+        if cache is not None and fixed:
+            cache["source"] = (k, v)  # a tuple: one per source row, which beam re-ranking keeps
+            return k, v
+        if cache is not None and "k" in cache:
             k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
         if cache is not None:
             cache["k"], cache["v"] = k, v

@@ -265,9 +265,8 @@ class MultiModel(nn.Module):
         With experts on several ranks, `all_done` makes the ranks stop together. `constraint`
         limits what may be generated (parse trees: `mm.decoding.TreeConstraint`)."""
         encoded, mask, _, _ = self.encode(batch)
-        if beam > 1:
-            encoded, mask = encoded.repeat_interleave(beam, 0), mask.repeat_interleave(beam, 0)
-        first = torch.full((len(encoded),), self.tasks[batch.task].command_id, device=encoded.device)
+        # beam search keeps `beam` hypotheses of each row, which attend to its one encoding
+        first = torch.full((len(encoded) * beam,), self.tasks[batch.task].command_id, device=encoded.device)
         decode_step = self._next_token if incremental else self._next_token_recomputed
 
         def step(tokens: Tensor, state: DecodeState) -> Tensor:

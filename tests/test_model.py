@@ -7,7 +7,15 @@ import torch
 import torch.nn.functional as F
 
 from mm.batch import Batch, pad_sequences
-from mm.layers import AttentionBlock, ConvBlock, ConvStep, DecodeState, SeparableConv, timing_signal
+from mm.layers import (
+    AttentionBlock,
+    ConvBlock,
+    ConvStep,
+    DecodeState,
+    MultiHeadAttention,
+    SeparableConv,
+    timing_signal,
+)
 from mm.modalities import AudioInput, ClassOutput, ImageInput, TextInput
 from mm.model import MultiModel, training_flops
 from mm.synthetic import VOCAB_SIZE, SyntheticData
@@ -213,6 +221,23 @@ def test_incremental_generation_returns_the_same_tokens_as_full_recompute(tasks,
     recomputed = model.generate(batch, max_len=12, beam=beam, incremental=False)
     assert incremental == recomputed
     assert all(len(row) > 0 for row in incremental)
+
+
+def test_beam_hypotheses_attend_to_their_rows_one_source_as_to_a_copy_of_it():
+    # beam search keeps one encoding per row; its `copies` hypotheses must see what each would
+    # see with a copy of that row's source, padding masked as there
+    torch.manual_seed(0)
+    attention = MultiHeadAttention(16, 4, 0.0).eval()
+    source, mask = torch.randn(2, 5, 16), torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    queries = torch.randn(2 * 3, 2, 16)  # 3 hypotheses of each row, 2 positions each
+    shared = attention(queries, source, mask)
+    copied = attention(queries, source.repeat_interleave(3, 0), mask.repeat_interleave(3, 0))
+    torch.testing.assert_close(shared, copied)
+    cache = {}
+    attention(queries[:, :1], source, mask, cache=cache)
+    state = DecodeState({attention: cache})
+    state.reorder(torch.tensor([2, 2, 0, 3, 5, 5]))  # re-ranking moves hypotheses within a row
+    torch.testing.assert_close(attention(queries[:, 1:], source, mask, cache=cache), copied[:, 1:])
 
 
 def test_beam_search_scores_at_least_as_well_as_greedy(tasks, data):
