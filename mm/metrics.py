@@ -42,12 +42,13 @@ def top_k_accuracy(top_classes: Tensor, targets: Tensor, k: int = 5) -> float:
 
 def teacher_forced_counts(logits: Tensor, targets: Tensor) -> tuple[float, float, float]:
     """(summed negative log-likelihood, tokens ranked first, real tokens) of a batch under
-    teacher forcing, padding (id 0) left out: the sums a whole split's log-perplexity and
-    token accuracy are made of (no label smoothing)."""
-    real = targets != 0
-    nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=0, reduction="sum")
-    correct = ((logits.argmax(-1) == targets) & real).sum()
-    return float(nll), float(correct), float(real.sum())
+    teacher forcing: the sums a whole split's log-perplexity and token accuracy are made of
+    (no label smoothing). `logits` [real tokens, vocab] score the real (non-padding, id 0)
+    positions of `targets` [B, U] in row order, as the model's `Output.logits`."""
+    real = targets[targets != 0]
+    nll = F.cross_entropy(logits.float(), real, reduction="sum")
+    correct = (logits.argmax(-1) == real).sum()
+    return float(nll), float(correct), float(len(real))
 
 
 def token_accuracy(logits: Tensor, targets: Tensor) -> float:

@@ -59,7 +59,7 @@ def test_bracket_f1_ignores_preterminals_and_tolerates_malformed_output():
 
 
 def test_token_accuracy_and_log_perplexity_skip_padding():
-    logits = torch.log(torch.tensor([[[0.7, 0.1, 0.2], [0.1, 0.1, 0.8], [0.9, 0.05, 0.05]]]))
+    logits = torch.log(torch.tensor([[0.7, 0.1, 0.2], [0.1, 0.1, 0.8]]))  # the real positions only
     targets = torch.tensor([[2, 2, 0]])  # the last position is padding
     assert M.token_accuracy(logits, targets) == pytest.approx(0.5)
     assert M.log_perplexity(logits, targets) == pytest.approx(-(math.log(0.2) + math.log(0.8)) / 2, rel=1e-5)
