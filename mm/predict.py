@@ -77,8 +77,7 @@ class Predictor:
 
     def batch(self, task: str, values: list[str | bytes], sources: list[str] | None = None) -> Batch:
         """The requests as shard rows, collated as training and evaluation collate them."""
-        if task not in self.specs:
-            raise PredictError(f"unknown task {task!r}; this model knows {', '.join(sorted(self.specs))}")
+        self.require_task(task)
         spec = self.specs[task]
         if spec.input_modality == "text":
             if not all(isinstance(v, str) for v in values):
@@ -118,20 +117,27 @@ class Predictor:
         split: str = "dev",
         examples: int | None = None,
         blind: bool = False,
+        tasks: list[str] | None = None,
     ):
-        """{task: {metric: value}} on `examples` rows of `split` of each task; `blind`: with
-        every input blanked (the input-blind score)."""
+        """{task: {metric: value}} on `examples` rows of `split` of each task (or of `tasks`);
+        `blind`: with every input blanked (the input-blind score)."""
         root = shards or self.config.data.shards
         limit = examples or self.config.train.eval_examples
-        for name in self.specs:
-            self.require_vocabulary(root, name)  # before any scoring: all or nothing
+        names = tasks or list(self.specs)
+        for name in names:  # before any scoring: all or nothing
+            self.require_task(name)
+            self.require_vocabulary(root, name)
         scores = {}
-        for name, spec in self.specs.items():
-            task = self.config.task(name)
+        for name in names:
+            spec, task = self.specs[name], self.config.task(name)
             rows = read_rows(root, name, split, limit)
             batches = evaluation_batches(spec, rows, 0, 1, task.batch_size)
             scores[name] = score_task(self.model, task, batches, self.vocab, self.beam, blind=blind)
         return scores
+
+    def require_task(self, task: str) -> None:
+        if task not in self.specs:
+            raise PredictError(f"unknown task {task!r}; this model knows {', '.join(sorted(self.specs))}")
 
     def require_vocabulary(self, root: str | Path, task: str) -> None:
         """A text task's shards must hold ids of this checkpoint's vocabulary. Shards remade

@@ -160,8 +160,9 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     with checkpoint_from(args.model, _tracking_uri(args)) as checkpoint:  # a download is removed after
         predictor = Predictor(checkpoint, beam=args.beam)
-        scores = predictor.evaluate(args.shards, args.split, args.examples)
-        blind = predictor.evaluate(args.shards, args.split, args.examples, blind=True)
+        tasks = args.tasks.split(",") if args.tasks else None
+        scores = predictor.evaluate(args.shards, args.split, args.examples, tasks=tasks)
+        blind = predictor.evaluate(args.shards, args.split, args.examples, blind=True, tasks=tasks)
     flat = {
         f"eval/{task}/{metric}": value for task, values in scores.items() for metric, value in values.items()
     }
@@ -172,12 +173,11 @@ def _evaluate(args: argparse.Namespace) -> None:
     chance = chance_levels(config, list(predictor.records.values()), references)
     console = Console()
     console.print(task_metric_table(flat, f"{args.model} on {args.split}"))
-    console.print(
-        floors_table(
-            config.primary_metrics(), scores, blind, chance, "beside chance and input-blind (inputs blanked)"
-        )
-    )
-    console.print(f"aggregate score: {predictor.aggregate(scores):.4f}")
+    primary = {task: metric for task, metric in config.primary_metrics().items() if task in scores}
+    title = "beside chance and input-blind (inputs blanked)"
+    console.print(floors_table(primary, scores, blind, chance, title))
+    if tasks is None:  # a mean over some of the tasks would not be the model's aggregate
+        console.print(f"aggregate score: {predictor.aggregate(scores):.4f}")
 
 
 def _predict(args: argparse.Namespace) -> None:
@@ -295,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--examples", type=_positive_int, help="rows per task (default: train.eval_examples)"
     )
+    evaluate.add_argument("--tasks", help="comma-separated tasks to score (default: all the model's)")
     evaluate.set_defaults(run=_evaluate)
 
     predict = commands.add_parser(

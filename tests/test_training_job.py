@@ -382,6 +382,22 @@ def test_mm_evaluate_on_shards_of_another_vocabulary_is_an_error_not_a_score(
     assert main(["evaluate", str(two_worker_run[0].checkpoint), "--shards", str(shards)]) is None
 
 
+def test_mm_evaluate_scores_only_the_tasks_it_is_given(two_worker_run, shards, capsys):
+    from mm.predict import Predictor
+    from mmcli.main import main
+
+    checkpoint = str(two_worker_run[0].checkpoint)
+    assert set(Predictor(checkpoint).evaluate(shards, "dev", tasks=["reverse"])) == {"reverse"}
+    assert main(["evaluate", checkpoint, "--shards", str(shards), "--tasks", "reverse"]) is None
+    assert "aggregate score" not in capsys.readouterr().out  # not a mean over some of the tasks
+    with pytest.raises(SystemExit) as exit_:
+        main(["evaluate", checkpoint, "--shards", str(shards), "--tasks", "reverse,nosuch"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("unknown task 'nosuch'; this model knows patches, reverse")
+    assert "\n" not in err
+
+
 def test_report_of_a_run_has_metrics_beside_chance_and_input_blind_curves_routing_and_a_summary(
     two_worker_run, shards, tmp_path
 ):
