@@ -194,7 +194,7 @@ class MultiModel(nn.Module):
             shifted = self.shift_right(batch.targets, task.command_id)
             hidden, dec_aux, dec_stats = self.decode(shifted, shifted != 0, encoded, mask)
             # only real target positions go through the vocabulary projection, the largest
-            # matmul of a text step: padding is 35-60 % of the starter's target positions
+            # matmul of a text step: padding is 34-60 % of the starter's target positions
             real = batch.targets != 0
             logits = self.text_out(hidden[real])  # [real tokens, vocab], row by row
             task_loss = F.cross_entropy(
