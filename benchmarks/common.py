@@ -70,6 +70,7 @@ def train_streams(config: Config, specs: list[TaskSpec]) -> dict[str, TaskStream
             config.task(s.name).batch_size,
             config.train.batch_by == "tokens",
             config.task(s.name).max_input_length,
+            config.train.sort_window,
         )
         for s in specs
     }

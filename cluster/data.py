@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from mm.config import Config
-from mm.reader import TaskStream
+from mm.reader import TaskStream, chunk_rows
 from mm.shards import part_files
 from mm.tasks import TaskSpec
 from mm.train import derived_seed
@@ -52,20 +52,27 @@ def reads_up_front(read: str, on_disk: int, store: float) -> bool:
 
 
 def ray_stream(
-    spec: TaskSpec, shard, batch_size: int, by_tokens: bool, max_input: int | None, seed: int
+    spec: TaskSpec,
+    shard,
+    batch_size: int,
+    by_tokens: bool,
+    max_input: int | None,
+    seed: int,
+    window: int = 1,
 ) -> TaskStream:
     """A worker's stream over its Ray Train dataset shard, shuffled locally with a seed of its
     own per epoch (`seed` differs per rank): the same order whenever the epoch is re-read."""
-    fetch = 256 if by_tokens else batch_size
+    fetch = chunk_rows(batch_size, by_tokens, window)
 
     def epochs(epoch: int):
         return shard.iter_batches(
             batch_size=fetch,
             batch_format="numpy",
-            drop_last=not by_tokens,
+            # a sorted window keeps the full batches of its last, partial chunk
+            drop_last=not by_tokens and window == 1,
             local_shuffle_buffer_size=max(4 * fetch, 256),
             local_shuffle_seed=derived_seed(seed, epoch),
             prefetch_batches=0,  # a background thread would compete with the step for the GIL
         )
 
-    return TaskStream(spec, epochs, batch_size, by_tokens, max_input)
+    return TaskStream(spec, epochs, batch_size, by_tokens, max_input, window)

@@ -70,6 +70,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             config.train.batch_by == "tokens",
             config.task(spec.name).max_input_length,
             seed=config.seed + rank,
+            window=config.train.sort_window,
         )
         for spec in specs
     }

@@ -265,6 +265,9 @@ class TrainConfig(Section):
     grad_clip: float | None = Field(1.0, gt=0)
     grad_accum: int = Field(1, ge=1)
     batch_by: Literal["examples", "tokens"] = "examples"
+    # Batches' worth of rows sorted by length together before they are cut into batches, so
+    # that each batch pads little (`mm.reader.plan_batches`). 1: batches in stream order.
+    sort_window: int = Field(1, ge=1)
     mixing: MixingConfig = MixingConfig()
     eval_every: int = Field(500, ge=1)
     eval_examples: int = Field(200, ge=1)

@@ -23,9 +23,24 @@ def shards(tmp_path_factory):
     return root, {spec.name: spec for spec in task_specs(config, vocab, manifests)}
 
 
-def stream(shards, task: str, batch_size: int, by_tokens: bool) -> TaskStream:
+def stream(shards, task: str, batch_size: int, by_tokens: bool, window: int = 1) -> TaskStream:
     root, specs = shards
-    return parquet_stream(specs[task], part_files(root, task, "train"), batch_size, by_tokens)
+    return parquet_stream(specs[task], part_files(root, task, "train"), batch_size, by_tokens, window=window)
+
+
+def padded_and_real(batch) -> tuple[int, int]:
+    """Token positions of a text batch once padded, and the real ones among them."""
+    padded = batch.inputs.numel() + batch.targets.numel()
+    return padded, int((batch.inputs != 0).sum() + (batch.targets != 0).sum())
+
+
+def one_epoch(s: TaskStream, epoch: int = 0) -> list:
+    batches = []
+    while s.epoch <= epoch:
+        batch = next(s)
+        if s.epoch == epoch:
+            batches.append(batch)
+    return batches
 
 
 def test_token_batches_stay_within_their_budget_and_cover_every_row_once_per_epoch(shards):
@@ -42,13 +57,38 @@ def test_token_batches_stay_within_their_budget_and_cover_every_row_once_per_epo
     assert sorted(seen) == sorted(f"train-{i}" for i in range(40))  # every row once
 
 
-@pytest.mark.parametrize(("task", "by_tokens"), [("patches", False), ("reverse", True)])
-def test_a_stream_loaded_with_a_saved_position_continues_with_the_same_batches(shards, task, by_tokens):
-    first = stream(shards, task, 8 if not by_tokens else 30, by_tokens)
-    for _ in range(7):  # into the second epoch (5 batches of 8 make one), mid-row-batch for tokens
+def test_sorted_windows_pad_less_and_give_each_row_once_an_epoch_in_a_shuffled_order(shards):
+    plain = one_epoch(stream(shards, "reverse", 4, False))
+    sorted_ = one_epoch(stream(shards, "reverse", 4, False, window=5))
+    assert [len(b) for b in sorted_] == [4] * 10  # two windows of five full batches
+    ids = [i for batch in sorted_ for i in batch.ids]
+    assert sorted(ids) == sorted(f"train-{i}" for i in range(40))
+    padded, real = map(sum, zip(*map(padded_and_real, sorted_)))
+    padded_plain, real_plain = map(sum, zip(*map(padded_and_real, plain)))
+    assert real == real_plain and padded < 0.9 * padded_plain, (padded, padded_plain)
+    # given out in a random order, not shortest first
+    first_window = [b.targets.shape[1] for b in sorted_[:5]]
+    assert first_window != sorted(first_window)
+
+
+def test_a_sorted_window_keeps_its_full_batches_and_drops_only_a_remainder(shards):
+    batches = one_epoch(stream(shards, "reverse", 6, False, 4))  # windows of 24 rows, then 16
+    assert [len(b) for b in batches] == [6] * 6
+    assert len({i for b in batches for i in b.ids}) == 36
+
+
+@pytest.mark.parametrize(
+    ("task", "by_tokens", "window"), [("patches", False, 1), ("reverse", True, 1), ("reverse", False, 3)]
+)
+def test_a_stream_loaded_with_a_saved_position_continues_with_the_same_batches(
+    shards, task, by_tokens, window
+):
+    first = stream(shards, task, 8 if not by_tokens else 30, by_tokens, window)
+    for _ in range(7):  # into the second epoch (5 batches of 8 make one), mid-chunk for tokens/windows
         next(first)
     saved = first.state_dict()
-    second = stream(shards, task, 8 if not by_tokens else 30, by_tokens)
+    assert saved["used"] or window == 1 and not by_tokens
+    second = stream(shards, task, 8 if not by_tokens else 30, by_tokens, window)
     second.load_state_dict(saved)
     for _ in range(9):
         expected, got = next(first), next(second)

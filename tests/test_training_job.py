@@ -185,7 +185,11 @@ def kill_a_worker_after_step(config, step: int, killed: list[tuple[int, float]])
         time.sleep(0.2)
 
 
-def test_streamed_shards_give_every_row_once_per_epoch_to_the_two_ranks_together(ray_local, shards):
+@pytest.mark.parametrize(("task", "window"), [("patches", 1), ("reverse", 3)])
+def test_streamed_shards_give_every_row_once_per_epoch_to_the_two_ranks_together(
+    ray_local, shards, task, window
+):
+    """Also with windows of 3 batches sorted by length: 24 rows, then a last chunk of 8."""
     import ray.data
 
     from cluster.data import ray_stream, reads_up_front
@@ -197,13 +201,14 @@ def test_streamed_shards_give_every_row_once_per_epoch_to_the_two_ranks_together
     assert reads_up_front("auto", on_disk=1 << 20, store=4 << 30)
     config = job_config(shards, shards.parent)
     vocab = Vocabulary.load(shards / "vocab.model")
-    spec = {s.name: s for s in task_specs(config, vocab, {"patches": load_manifest(shards, "patches")})}
-    files = [str(p) for p in part_files(shards, "patches", "train")]
+    manifests = {name: load_manifest(shards, name) for name in ("patches", "reverse")}
+    spec = {s.name: s for s in task_specs(config, vocab, manifests)}
+    files = [str(p) for p in part_files(shards, task, "train")]
     splits = ray.data.read_parquet(files).streaming_split(2, equal=True)  # not materialised
     seen: dict[int, list[str]] = {}
 
     def consume(rank: int) -> None:
-        stream = ray_stream(spec["patches"], splits[rank], 8, False, None, seed=rank)
+        stream = ray_stream(spec[task], splits[rank], 8, False, None, seed=rank, window=window)
         for _ in range(3 * 4):  # 3 epochs of 4 batches: 64 rows, 32 per rank
             batch = next(stream)
             seen.setdefault(stream.epoch, []).extend(batch.ids)
