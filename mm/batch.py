@@ -26,9 +26,6 @@ class Batch:
     input_lengths: Tensor | None = None
     ids: list[str] = field(default_factory=list)
     references: list[Any] = field(default_factory=list)  # raw target text(s), for metrics
-    # what training multiplies the task's mean loss by: a batch cut from a window sorted by
-    # length weighs its tokens as an unsorted batch would (`mm.reader.plan_batches`)
-    loss_scale: float = 1.0
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -51,7 +48,6 @@ class Batch:
             lengths,
             [self.ids[i] for i in picked] if self.ids else [],
             [self.references[i] for i in picked] if self.references else [],
-            self.loss_scale,
         )
 
     def chunks(self, n: int) -> list[Batch]:

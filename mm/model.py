@@ -33,7 +33,7 @@ from mm.tasks import TaskSpec
 
 @dataclass
 class Output:
-    loss: Tensor  # loss_weight * loss_scale * task loss + MoE balancing loss: what training minimises
+    loss: Tensor  # loss_weight * task loss + MoE balancing loss: what training minimises
     task_losses: dict[str, Tensor]  # the task's own (unweighted, detached) loss
     aux_loss: Tensor
     logits: Tensor  # [B, classes], or [real target tokens, vocab]: padding is not scored
@@ -202,7 +202,7 @@ class MultiModel(nn.Module):
             )
             aux = aux + dec_aux
             moe_stats += [dec_stats] if dec_stats is not None else []
-        loss = task.loss_weight * batch.loss_scale * task_loss + aux
+        loss = task.loss_weight * task_loss + aux
         if self.ctc_out is not None and task.input_modality == "audio":
             loss = loss + self.config.ctc_weight * self.ctc_loss(encoded, mask, batch.targets)
         return Output(loss, {task.name: task_loss.detach()}, aux, logits, moe_stats)

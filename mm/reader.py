@@ -94,32 +94,23 @@ class TaskStream:
         self.rows: Iterator[Rows] = iter(())
         self.epoch = -1  # none started yet
         self.chunks = 0  # chunks taken from this epoch
-        # the last chunk, its batches to come, and its target tokens per batch
-        self.pending: tuple[Rows, list[slice], float] | None = None
+        self.pending: tuple[Rows, list[slice]] | None = None  # the last chunk, and its batches to come
         self.used = 0  # its rows already given out
 
     def __next__(self) -> Batch:
         if self.pending is None:
             self.pending, self.used = self._plan(self._next_chunk()), 0
-        rows, batches, mean_tokens = self.pending
-        cut = batches.pop(0)
-        self.used += cut.stop - cut.start
+        rows, batches = self.pending
+        batch = batches.pop(0)
+        self.used += batch.stop - batch.start
         if not batches:
             self.pending = None
-        batch = collate(self.spec, _slice(rows, cut.start, cut.stop), self.max_input)
-        if self.window > 1:
-            # the loss is a mean over the batch's tokens: a batch of short rows would weigh
-            # each of its tokens more than a batch of long ones. Scaled, every token of the
-            # window weighs the same, as in unsorted batches.
-            batch.loss_scale = target_tokens(_slice(rows, cut.start, cut.stop)) / mean_tokens
-        return batch
+        return collate(self.spec, _slice(rows, batch.start, batch.stop), self.max_input)
 
-    def _plan(self, chunk: Rows) -> tuple[Rows, list[slice], float]:
+    def _plan(self, chunk: Rows) -> tuple[Rows, list[slice]]:
         # seeded by the position alone: a re-read chunk is cut and ordered the same way
         rng = np.random.default_rng([self.epoch, self.chunks])
-        rows, batches = plan_batches(chunk, self.batch_size, self.by_tokens, self.window, rng)
-        given = sum(target_tokens(_slice(rows, cut.start, cut.stop)) for cut in batches)
-        return rows, batches, given / len(batches)
+        return plan_batches(chunk, self.batch_size, self.by_tokens, self.window, rng)
 
     def _next_chunk(self) -> Rows:
         for _ in range(2):  # the current epoch, else one fresh epoch
@@ -186,11 +177,6 @@ def plan_batches(
     if window > 1:
         bounds = [bounds[i] for i in rng.permutation(len(bounds))]
     return chunk, bounds
-
-
-def target_tokens(rows: Rows) -> int:
-    """Real target tokens (EOS included) of some rows; a class label counts as one."""
-    return sum(len(t) if hasattr(t, "__len__") else 1 for t in rows["targets"])
 
 
 def _lengths(rows: Rows) -> np.ndarray:

@@ -69,13 +69,6 @@ def test_sorted_windows_pad_less_and_give_each_row_once_an_epoch_in_a_shuffled_o
     # given out in a random order, not shortest first
     first_window = [b.targets.shape[1] for b in sorted_[:5]]
     assert first_window != sorted(first_window)
-    # each batch's loss scaled by its target tokens against the window's mean: every token
-    # weighs the same, as in unsorted batches
-    for window in (sorted_[:5], sorted_[5:]):
-        tokens = [int((b.targets != 0).sum()) for b in window]
-        assert [b.loss_scale for b in window] == pytest.approx([t / (sum(tokens) / 5) for t in tokens])
-        assert len({b.loss_scale for b in window}) > 1
-    assert {b.loss_scale for b in plain} == {1.0}
 
 
 def test_a_sorted_window_keeps_its_full_batches_and_drops_only_a_remainder(shards):
@@ -99,7 +92,7 @@ def test_a_stream_loaded_with_a_saved_position_continues_with_the_same_batches(
     second.load_state_dict(saved)
     for _ in range(9):
         expected, got = next(first), next(second)
-        assert got.ids == expected.ids and got.loss_scale == expected.loss_scale
+        assert got.ids == expected.ids
     assert second.state_dict() == first.state_dict()
 
 
