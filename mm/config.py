@@ -266,7 +266,9 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, ge=1)
     batch_by: Literal["examples", "tokens"] = "examples"
     # Batches' worth of rows sorted by length together before they are cut into batches, so
-    # that each batch pads little (`mm.reader.plan_batches`). 1: batches in stream order.
+    # that each batch pads little (`mm.reader.plan_batches`; token batches read 256 rows at a
+    # time, sorted when this is above 1). 1: batches in stream order. Off in the starter: it
+    # made steps 11 % faster but learnt less per second (README "Results").
     sort_window: int = Field(1, ge=1)
     mixing: MixingConfig = MixingConfig()
     eval_every: int = Field(500, ge=1)
