@@ -80,8 +80,8 @@ def bleu(hypotheses: Sequence[str], references: Sequence[str | Sequence[str]]) -
 def wer(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     """Word error rate over the corpus (jiwer takes the reference first)."""
     pairs = [(r, h) for r, h in zip(references, hypotheses) if r.strip()]
-    if not pairs:
-        return 0.0
+    if not pairs:  # 0.0 would read as a perfect transcription of nothing
+        raise ValueError(f"WER of {len(references)} references, none with a word: nothing to score")
     return float(jiwer.wer([r for r, _ in pairs], [h if h.strip() else "<empty>" for _, h in pairs]))
 
 

@@ -34,6 +34,8 @@ def test_word_error_rate():
     # one substitution in 3 words, one deletion in 2 words: 2 errors / 5 reference words
     assert M.wer(["the cat sit", "hello"], ["the cat sat", "hello world"]) == pytest.approx(2 / 5)
     assert M.wer([""], ["two words"]) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="nothing to score"):  # not a perfect 0.0
+        M.wer(["anything"], ["  "])
 
 
 def test_bracket_f1_on_hand_written_trees():
