@@ -334,26 +334,8 @@ def _matmul_per_expert(experts: Experts, rows: Tensor, counts: list[int], dtype)
     return torch.cat(outs)
 
 
-def every_expert_on_every_token(x: Tensor, routing: Routing, experts: Experts) -> tuple[Tensor, MoEStats]:
-    """What dispatch computes when no token is dropped, for a few tokens: each token's k
-    outputs picked from all experts' and weighted by its gates; padding gets zeros."""
-    out = experts(x.expand(experts.num, *x.shape)).to(x.dtype)  # [E, N, d]
-    local = routing.experts - experts.first_id
-    picked = out[local, torch.arange(len(x), device=x.device)[:, None]]  # [N, k, d]
-    y = (picked * routing.gates.unsqueeze(-1).to(x.dtype)).sum(1) * routing.valid.unsqueeze(1).to(x.dtype)
-    load = torch.bincount(routing.experts[routing.valid].flatten(), minlength=experts.num)
-    return y, MoEStats(load, 0, int(load.sum()))
-
-
 def dropped_count(load: Tensor, capacity: int) -> int:
     return int((load - capacity).clamp(min=0).sum())
-
-
-# Decoding sends a handful of tokens through each MoE layer per step: below this many
-# token-expert pairs every expert computes every token (a few large kernels), cheaper than
-# the two dozen small ones of dispatch and combine. Only without gradient and when no token
-# can be dropped, so that the outputs are the same.
-DENSE_BELOW = 1024
 
 
 class LocalDispatcher:
@@ -362,11 +344,8 @@ class LocalDispatcher:
     def __call__(
         self, x: Tensor, routing: Routing, experts: Experts, capacity: Callable[[int], int]
     ) -> tuple[Tensor, MoEStats]:
-        real = int(routing.valid.sum())
-        cap = capacity(real)
-        if cap >= real and len(x) * experts.num < DENSE_BELOW and not torch.is_grad_enabled():
-            return every_expert_on_every_token(x, routing, experts)
         token, expert, gate, valid = flat_assignments(routing)
+        cap = capacity(int(routing.valid.sum()))
         slot = arrival_order(expert, valid, experts.num)
         keep = valid & (slot < cap)
         out = run_experts(experts, x.index_select(0, token[keep]), expert[keep], slot[keep])

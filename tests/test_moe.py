@@ -93,34 +93,6 @@ def test_without_gradient_the_layer_computes_the_same_and_skips_its_auxiliary_lo
     assert without.stats.dropped == with_grad.stats.dropped
 
 
-def test_a_few_tokens_without_gradient_go_through_every_expert_and_get_what_dispatch_gives(monkeypatch):
-    """Decoding's few tokens per step: all experts on all tokens, the chosen outputs picked
-    out. The same outputs and loads as dispatch, zeros at padding; with gradient, with
-    drops possible or with many tokens, dispatch as before."""
-    import mm.moe
-
-    torch.manual_seed(0)
-    moe = MoE(8, 16, num_experts=4, k=2).eval()  # evaluation: dropless
-    x, mask = torch.randn(3, 5, 8), torch.ones(3, 5, dtype=torch.bool)
-    mask[1, 3:] = False
-    dense_calls = []
-    dense = mm.moe.every_expert_on_every_token
-    monkeypatch.setattr(mm.moe, "every_expert_on_every_token", lambda *a: dense_calls.append(1) or dense(*a))
-    with torch.inference_mode():
-        few = moe(x, mask)
-        monkeypatch.setattr(mm.moe, "DENSE_BELOW", 0)
-        dispatched = moe(x, mask)
-    assert len(dense_calls) == 1
-    torch.testing.assert_close(few.y, dispatched.y)
-    assert few.y[1, 3:].abs().sum() == 0
-    assert few.stats.load.tolist() == dispatched.stats.load.tolist() and few.stats.dropped == 0
-    monkeypatch.setattr(mm.moe, "DENSE_BELOW", 1024)
-    moe(x, mask)  # with gradient: dispatch
-    with torch.inference_mode():
-        MoE(8, 16, num_experts=4, k=2, capacity_factor=0.5)(x, mask)  # training: drops possible
-    assert len(dense_calls) == 1
-
-
 def test_gradients_reach_both_gating_matrices_and_every_used_expert():
     torch.manual_seed(0)
     moe = MoE(16, 32, num_experts=4, k=2).train()
