@@ -9,6 +9,7 @@ batches (`evaluation_batches`). Batches hold `batch_size` examples, or with
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -172,8 +173,9 @@ def plan_batches(
             bounds.append(slice(start, stop))
             start = stop
     else:
-        full = size // batch_size if window > 1 and size >= batch_size else -(-size // batch_size)
-        bounds = [slice(i * batch_size, min((i + 1) * batch_size, size)) for i in range(full)]
+        drops_remainder = window > 1 and size >= batch_size
+        count = size // batch_size if drops_remainder else math.ceil(size / batch_size)
+        bounds = [slice(i * batch_size, min((i + 1) * batch_size, size)) for i in range(count)]
     if window > 1:
         bounds = [bounds[i] for i in rng.permutation(len(bounds))]
     return chunk, bounds
@@ -190,17 +192,20 @@ def _lengths(rows: Rows) -> np.ndarray:
 
     return np.array(
         [
-            input_length(i, s) + (len(t) if hasattr(t, "__len__") else 1)
+            input_length(i, s) + _target_length(t)
             for i, s, t in zip(rows["inputs"], rows["input_shape"], rows["targets"])
         ]
     )
 
 
+def _target_length(target) -> int:
+    """Tokens of a text target; a class label counts as one."""
+    return len(target) if hasattr(target, "__len__") else 1
+
+
 def rows_within_token_budget(rows: Rows, budget: int) -> int:
     """How many leading rows fit `budget` tokens once padded to the longest (at least one)."""
-    lengths = [
-        max(len(i), len(t) if hasattr(t, "__len__") else 1) for i, t in zip(rows["inputs"], rows["targets"])
-    ]
+    lengths = [max(len(i), _target_length(t)) for i, t in zip(rows["inputs"], rows["targets"])]
     longest = 0
     for n, length in enumerate(lengths, start=1):
         longest = max(longest, length)
