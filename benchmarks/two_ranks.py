@@ -31,7 +31,7 @@ from mm.shards import ShardError
 from mm.train import Trainer
 from mm.vocab import VocabularyError
 
-COLLECTIVES = ("all_to_all_single", "all_reduce", "all_gather")
+COLLECTIVES = ("all_to_all_single", "all_reduce", "all_gather", "all_gather_into_tensor")
 
 
 def timed_collectives() -> dict[str, float]:

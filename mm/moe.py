@@ -41,6 +41,8 @@ import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mm.collectives import group_sum
+
 NOISE_EPSILON = 1e-2  # floor of the gating noise's standard deviation, as tensor2tensor
 
 
@@ -419,4 +421,4 @@ class ExpertParallelDispatcher:
         return dist_fn.all_to_all_single(out, rows.contiguous(), receive, send, group=self.group)
 
     def sum_over_group(self, t: Tensor) -> Tensor:
-        return dist_fn.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        return group_sum(t, self.group)

@@ -196,13 +196,12 @@ class Trainer:
                 examples += len(batch)
                 stats = out.moe
         flops = self.flop_tally.step_flops(task, examples, counter)
-        self.parallel.sync_gradients(self.model)
-        grad_norm = self.parallel.clip_grad_norm(self.model, self.config.train.grad_clip)
+        grad_clip = self.config.train.grad_clip
+        grad_norm, task_loss = self.parallel.sync_gradients(self.model, grad_clip, task_loss)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        task_loss = self.parallel.mean(task_loss)
         self.sampler.observe(task, task_loss)
         self.step += 1
         return StepLog(

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from mm.collectives import group_sum
 from mm.moe import MoE
 from mm.parallel import DataExpertParallel, SingleProcess, split_parameters
 from mm.selftest import selftest_config
@@ -116,10 +117,10 @@ def training_step_matches_single_process(rank: int, world: int, expert_parallel:
     # gradients after sync, and the global norm, equal one process's on the whole batch
     single(batch).loss.backward()
     sharded(mine).loss.backward()
-    parallel.sync_gradients(sharded)
-    assert parallel.clip_grad_norm(sharded, None) == pytest.approx(
-        SingleProcess().clip_grad_norm(single, None), rel=1e-5
-    )
+    # the step's loss rides in the gradients' all-reduce: the mean of every rank's
+    norm, loss = parallel.sync_gradients(sharded, None, loss=float(rank))
+    assert norm == pytest.approx(SingleProcess().sync_gradients(single, None, 0.0)[0], rel=1e-5)
+    assert loss == pytest.approx((world - 1) / 2)
     assert_same_parameters(sharded, single, rank, expert_parallel, grads=True)
 
     # one full Trainer step (sync, global-norm clipping, Adam) gives the same parameters
@@ -147,3 +148,26 @@ def assert_same_parameters(sharded, single, rank: int, expert_parallel: int, gra
 @pytest.mark.parametrize("world, expert_parallel", [(2, 2), (4, 2)], ids=["2-ranks", "4-ranks-2-replicas"])
 def test_training_step_on_ranks_equals_the_single_process_step(world, expert_parallel):
     run_distributed(training_step_matches_single_process, world, expert_parallel)
+
+
+def group_sum_is_the_all_reduce_it_replaces(rank: int, world: int) -> None:
+    x = torch.tensor([1.0, 2.0, 3.0]) * (rank + 1) + 0.1 * rank
+    x.requires_grad_(True)
+    total = group_sum(x)
+    expected = x.detach().clone()
+    dist.all_reduce(expected)
+    if world == 2:  # a + b either way: the same bits
+        assert torch.equal(total, expected)
+    torch.testing.assert_close(total, expected)
+    assert all(torch.equal(total, other) for other in DataExpertParallel().gather(total.detach()))
+    # every rank uses the sum alike, as the MoE's losses do: each input's gradient is then the
+    # all-reduce of the same upstream gradient, which is that gradient times the world size
+    (total * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
+    assert x.grad.tolist() == [1.0 * world, -2.0 * world, 0.5 * world]
+    # the float64 sums that evaluation and the stopping test use
+    assert DataExpertParallel().sum([float(rank), 1.0]) == [world * (world - 1) / 2, float(world)]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_group_sum_is_the_all_reduce_it_replaces(world):
+    run_distributed(group_sum_is_the_all_reduce_it_replaces, world)
