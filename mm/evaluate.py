@@ -50,7 +50,10 @@ def evaluate_task(
     parallel: Parallel | None = None,
     constraint: Constraint | None = None,
     blind: bool = False,
+    intervals: bool = False,
 ) -> dict[str, float]:
+    """`intervals`: also each corpus-level metric's 95 % bootstrap interval over the examples,
+    as `<metric>_low` and `<metric>_high` (`mm.metrics.bootstrap_interval`)."""
     parallel = parallel or SingleProcess()
     if blind:
         batches = [blank_inputs(b, model.tasks[task].input_modality) for b in batches]
@@ -58,10 +61,13 @@ def evaluate_task(
     model.eval()
     try:
         if model.tasks[task].output_modality == "class":
-            return _score_classes(model, task, batches, metric_names, parallel)
-        return _score_text(
-            model, task, batches, metric_names, detokenize, max_len, beam, parallel, constraint
-        )
+            scores = _score_classes(model, task, batches, metric_names, parallel, intervals)
+        else:
+            scores = _score_text(
+                model, task, batches, metric_names, detokenize, max_len, beam, parallel, constraint, intervals
+            )
+        wanted = set(metric_names) | {f"{m}_{end}" for m in metric_names for end in ("low", "high")}
+        return {name: value for name, value in scores.items() if name in wanted}
     finally:
         model.train(was_training)
 
@@ -82,6 +88,7 @@ def score_task(
     beam: int | None = None,
     parallel: Parallel | None = None,
     blind: bool = False,
+    intervals: bool = False,
 ) -> dict[str, float]:
     """`evaluate_task` as the task's config asks: its metrics, its longest output, its beam
     (unless `beam` is given), its decoding constraint, decoded to text with the vocabulary."""
@@ -96,6 +103,7 @@ def score_task(
         parallel,
         decoding_constraint(task, vocab.pieces),
         blind,
+        intervals,
     )
 
 
@@ -112,18 +120,26 @@ def blank_inputs(batch: Batch, modality: str) -> Batch:
 
 
 def _score_classes(
-    model: MultiModel, task: str, batches: Iterable[Batch], metric_names, parallel
+    model: MultiModel, task: str, batches: Iterable[Batch], metric_names, parallel, intervals: bool
 ) -> dict[str, float]:
     top1 = top5 = examples = 0.0
+    predicted: list[int] = []
+    targets: list[int] = []
     for batch in batches:
         top = model.classify(batch, topk=5)[1]
         top1 += M.accuracy(top, batch.targets) * len(batch)
         top5 += M.top_k_accuracy(top, batch.targets, 5) * len(batch)
         examples += len(batch)
+        predicted += top[:, 0].tolist()
+        targets += batch.targets.tolist()
     top1, top5, examples = parallel.sum([top1, top5, examples])
     _require_examples(task, examples)
     scores = {"accuracy": top1 / examples, "top5": top5 / examples}
-    return {name: scores[name] for name in metric_names if name in scores}
+    if intervals and "accuracy" in metric_names:
+        predicted = [p for part in parallel.gather(predicted) for p in part]
+        targets = [t for part in parallel.gather(targets) for t in part]
+        scores.update(_interval("accuracy", predicted, targets))
+    return scores
 
 
 class NothingToScore(ValueError):
@@ -136,7 +152,7 @@ def _require_examples(task: str, count: float) -> None:
 
 
 def _score_text(
-    model, task, batches, metric_names, detokenize, max_len, beam, parallel, constraint
+    model, task, batches, metric_names, detokenize, max_len, beam, parallel, constraint, intervals
 ) -> dict[str, float]:
     nll = correct = tokens = 0.0
     hypotheses: list[str] = []
@@ -157,11 +173,13 @@ def _score_text(
     if decode:
         hypotheses = [h for part in parallel.gather(hypotheses) for h in part]
         references = [r for part in parallel.gather(references) for r in part]
-        scores.update(_decoded_scores(hypotheses, references, metric_names))
-    return {name: scores[name] for name in metric_names if name in scores}
+        scores.update(_decoded_scores(hypotheses, references, metric_names, intervals))
+    return scores
 
 
-def _decoded_scores(hypotheses: list[str], references: list, metric_names: list[str]) -> dict[str, float]:
+def _decoded_scores(
+    hypotheses: list[str], references: list, metric_names: list[str], intervals: bool = False
+) -> dict[str, float]:
     scores: dict[str, float] = {}
     first = [r if isinstance(r, str) else r[0] for r in references]  # COCO rows carry several
     if "bleu" in metric_names:
@@ -170,7 +188,15 @@ def _decoded_scores(hypotheses: list[str], references: list, metric_names: list[
         scores["wer"] = M.wer(hypotheses, first)
     if {"bracket_f1", "exact_match", "well_formed"} & set(metric_names):
         scores.update(M.bracket_scores(hypotheses, first))
+    if intervals:
+        for metric in {"bleu", "wer", "bracket_f1"} & set(metric_names):
+            scores.update(_interval(metric, hypotheses, references if metric == "bleu" else first))
     return scores
+
+
+def _interval(metric: str, hypotheses: list, references: list) -> dict[str, float]:
+    low, high = M.bootstrap_interval(metric, M.example_counts(metric, hypotheses, references))
+    return {f"{metric}_low": low, f"{metric}_high": high}
 
 
 def _strip(row: list[int]) -> list[int]:

@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 import jiwer
+import numpy as np
 import sacrebleu
 import torch.nn.functional as F
 from torch import Tensor
@@ -141,16 +142,20 @@ def leaf_count(tree: str) -> int:
     return sum(1 for t in tokens(tree) if not t.startswith(("(", ")")))
 
 
+def bracket_counts(hypothesis: str, reference: str) -> tuple[int, int, int]:
+    """(matched, predicted, gold) labelled constituents of one tree: what bracket F1 sums."""
+    hyp_spans, ref_spans = labeled_spans(hypothesis), labeled_spans(reference)
+    return sum((hyp_spans & ref_spans).values()), sum(hyp_spans.values()), sum(ref_spans.values())
+
+
 def bracket_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
     """Labeled bracket F1 over the corpus (evalb-style, XX preterminals ignored), the share of
     trees matched exactly, and the share of output trees that are well formed and have as many
     leaves as their reference (the input's word count): all in percent."""
     matched = predicted = gold = exact = shaped = 0
     for hyp, ref in zip(hypotheses, references):
-        hyp_spans, ref_spans = labeled_spans(hyp), labeled_spans(ref)
-        matched += sum((hyp_spans & ref_spans).values())
-        predicted += sum(hyp_spans.values())
-        gold += sum(ref_spans.values())
+        counts = bracket_counts(hyp, ref)
+        matched, predicted, gold = matched + counts[0], predicted + counts[1], gold + counts[2]
         exact += tokens(hyp) == tokens(ref)
         shaped += well_formed(hyp) and leaf_count(hyp) == leaf_count(ref)
     precision = matched / predicted if predicted else 0.0
@@ -162,6 +167,96 @@ def bracket_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict
         "exact_match": 100 * exact / count,
         "well_formed": 100 * shaped / count,
     }
+
+
+# ------------------------------------------------------------------------------------ uncertainty
+# A score over 200 test examples moves by several points when other examples of the same kind
+# are drawn. Each corpus-level score comes with a 95 % bootstrap interval over its examples
+# (percentile method): the examples are resampled with replacement and the score recomputed
+# from per-example counts, whose sums the corpus-level formulas are made of.
+
+RESAMPLES, CONFIDENCE = 1000, 0.95
+BLEU_ORDERS = 4
+
+
+def example_counts(metric: str, hypotheses: Sequence, references: Sequence) -> np.ndarray:
+    """[examples, counts]: what each example adds to the corpus-level sums of `metric`.
+    accuracy: (correct, 1); wer: (errors, reference words); bracket_f1: (matched, predicted, gold
+    constituents); bleu: (hypothesis length, reference length, matches and totals of each n-gram
+    order), sacrebleu's own statistics. `hypotheses` are predicted classes for accuracy."""
+    if metric == "accuracy":
+        return np.array([[float(h == r), 1.0] for h, r in zip(hypotheses, references)]).reshape(-1, 2)
+    if metric == "wer":
+        return np.array(
+            [_word_errors(r, h) for r, h in zip(references, hypotheses) if r.strip()], dtype=float
+        ).reshape(-1, 2)
+    if metric == "bracket_f1":
+        counts = [bracket_counts(h, r) for h, r in zip(hypotheses, references)]
+        return np.array(counts, dtype=float).reshape(-1, 3)
+    if metric == "bleu":
+        scorer = sacrebleu.BLEU()
+        rows = []
+        for hyp, ref in zip(hypotheses, references):
+            refs = [ref] if isinstance(ref, str) else list(ref)
+            one = scorer.corpus_score([hyp], [[r] for r in refs])  # one sentence's statistics
+            rows.append([one.sys_len, one.ref_len, *one.counts, *one.totals])
+        return np.array(rows, dtype=float).reshape(-1, 2 + 2 * BLEU_ORDERS)
+    raise ValueError(f"no per-example counts for metric {metric!r}")
+
+
+def score_from_counts(metric: str, sums: np.ndarray) -> np.ndarray:
+    """`metric` from summed `example_counts` [resamples, counts] -> [resamples], on the scale
+    of the corpus-level functions above."""
+    if metric in ("accuracy", "wer"):  # correct / examples, errors / reference words
+        return sums[:, 0] / np.maximum(sums[:, 1], 1)
+    if metric == "bracket_f1":  # 2PR / (P + R) = 2 matched / (predicted + gold)
+        return 100 * 2 * sums[:, 0] / np.maximum(sums[:, 1] + sums[:, 2], 1)
+    if metric == "bleu":
+        smoothing = sacrebleu.BLEU().smooth_method  # the corpus score's own
+        return np.array(
+            [
+                sacrebleu.BLEU.compute_bleu(
+                    row[2 : 2 + BLEU_ORDERS].astype(int).tolist(),
+                    row[2 + BLEU_ORDERS :].astype(int).tolist(),
+                    int(row[0]),
+                    int(row[1]),
+                    smooth_method=smoothing,
+                ).score
+                for row in sums
+            ]
+        )
+    raise ValueError(f"no score from counts for metric {metric!r}")
+
+
+def bootstrap_interval(
+    metric: str, counts: np.ndarray, resamples: int = RESAMPLES, seed: int = 0
+) -> tuple[float, float]:
+    """The CONFIDENCE interval of `metric` over `resamples` resamples of the examples whose
+    `example_counts` are given (seeded: the same counts give the same interval)."""
+    if len(counts) == 0:
+        raise ValueError(f"{metric}: no examples to resample")
+    rows = np.random.default_rng(seed).integers(0, len(counts), size=(resamples, len(counts)))
+    values = score_from_counts(metric, counts[rows].sum(1))
+    tail = (1 - CONFIDENCE) / 2
+    low, high = np.quantile(values, [tail, 1 - tail])
+    return float(low), float(high)
+
+
+def interval(scores: dict[str, float], metric: str) -> tuple[float, float] | None:
+    """The (low, high) that `evaluate_task(intervals=True)` put beside `metric`, if any."""
+    low, high = scores.get(f"{metric}_low"), scores.get(f"{metric}_high")
+    return None if low is None or high is None else (low, high)
+
+
+def is_interval_bound(name: str) -> bool:
+    return name.endswith(("_low", "_high"))
+
+
+def _word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
+    """(substitutions + deletions + insertions, reference words) of one utterance, as `wer`
+    counts them."""
+    out = jiwer.process_words(reference, hypothesis if hypothesis.strip() else "<empty>")
+    return out.substitutions + out.deletions + out.insertions, out.substitutions + out.deletions + out.hits
 
 
 # ---------------------------------------------------------------------------------- across tasks

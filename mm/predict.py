@@ -118,9 +118,11 @@ class Predictor:
         examples: int | None = None,
         blind: bool = False,
         tasks: list[str] | None = None,
+        intervals: bool = False,
     ):
         """{task: {metric: value}} on `examples` rows of `split` of each task (or of `tasks`);
-        `blind`: with every input blanked (the input-blind score)."""
+        `blind`: with every input blanked (the input-blind score); `intervals`: with each
+        corpus-level metric's 95 % bootstrap interval (`<metric>_low`, `<metric>_high`)."""
         root = shards or self.config.data.shards
         limit = examples or self.config.train.eval_examples
         names = tasks or list(self.specs)
@@ -132,7 +134,9 @@ class Predictor:
             spec, task = self.specs[name], self.config.task(name)
             rows = read_rows(root, name, split, limit)
             batches = evaluation_batches(spec, rows, 0, 1, task.batch_size)
-            scores[name] = score_task(self.model, task, batches, self.vocab, self.beam, blind=blind)
+            scores[name] = score_task(
+                self.model, task, batches, self.vocab, self.beam, blind=blind, intervals=intervals
+            )
         return scores
 
     def require_task(self, task: str) -> None:

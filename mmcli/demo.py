@@ -74,7 +74,7 @@ def run_demo(config: Config, address: str | None = None, log=print) -> DemoResul
     trained = timed("train", lambda: train(config))
     predictor = Predictor(trained.checkpoint)
     dev = scores_by_task(trained.metrics)  # the training run's last evaluation
-    test = timed("evaluate test", lambda: predictor.evaluate(split="test"))
+    test = timed("evaluate test", lambda: predictor.evaluate(split="test", intervals=True))
     blind = timed("evaluate input-blind", lambda: predictor.evaluate(split="test", blind=True))
     registered = timed(
         "register",

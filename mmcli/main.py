@@ -152,6 +152,7 @@ def _experiment(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from rich.console import Console
 
+    from mm.metrics import is_interval_bound
     from mm.predict import Predictor
     from mm.reader import read_rows
     from mmcli.report import chance_levels
@@ -161,10 +162,13 @@ def _evaluate(args: argparse.Namespace) -> None:
     with checkpoint_from(args.model, _tracking_uri(args)) as checkpoint:  # a download is removed after
         predictor = Predictor(checkpoint, beam=args.beam)
         tasks = args.tasks.split(",") if args.tasks else None
-        scores = predictor.evaluate(args.shards, args.split, args.examples, tasks=tasks)
+        scores = predictor.evaluate(args.shards, args.split, args.examples, tasks=tasks, intervals=True)
         blind = predictor.evaluate(args.shards, args.split, args.examples, blind=True, tasks=tasks)
-    flat = {
-        f"eval/{task}/{metric}": value for task, values in scores.items() for metric, value in values.items()
+    flat = {  # the intervals have their own column, beside the floors
+        f"eval/{task}/{metric}": value
+        for task, values in scores.items()
+        for metric, value in values.items()
+        if not is_interval_bound(metric)
     }
     config = predictor.config
     limit = args.examples or config.train.eval_examples

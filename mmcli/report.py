@@ -11,7 +11,7 @@ from typing import Any
 
 from cluster.tracking import client
 from mm.config import Config
-from mm.metrics import LEARNED_MARGIN, bracket_scores, leaf_count, learned, routing_entropy
+from mm.metrics import LEARNED_MARGIN, bracket_scores, interval, leaf_count, learned, routing_entropy
 from mm.trees import TAG
 from mmcli.plots import eval_curves, learning_curves, routing_heatmap
 
@@ -80,10 +80,11 @@ def write_report(
         "",
         f"Input-blind: the same model on the test split with every input blanked (a black image, "
         f"silence, an empty sentence). Learned: the test score beats chance and input-blind by "
-        f"{LEARNED_MARGIN:.0%} of the metric's range.",
+        f"{LEARNED_MARGIN:.0%} of the metric's range. Interval: the test score's 95 % bootstrap "
+        f"interval over the test examples; scores whose intervals overlap are not told apart.",
         "",
-        "| task | metric | dev | test | chance | input-blind | learned |",
-        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+        "| task | metric | dev | test | test, 95 % interval | chance | input-blind | learned |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     summary_tasks = {}
     for task, metric in primary.items():
@@ -91,11 +92,16 @@ def write_report(
         b = blind.get(task, {}).get(metric)
         is_learned = None if None in (t, c, b) else learned(metric, t, c, b)
         verdict = {None: "-", True: "yes", False: "no"}[is_learned]
-        lines.append(f"| {task} | {metric} | {_fmt(d)} | {_fmt(t)} | {_fmt(c)} | {_fmt(b)} | {verdict} |")
+        bounds = interval(test.get(task, {}), metric)
+        shown = "-" if bounds is None else f"{_fmt(bounds[0])} – {_fmt(bounds[1])}"
+        lines.append(
+            f"| {task} | {metric} | {_fmt(d)} | {_fmt(t)} | {shown} | {_fmt(c)} | {_fmt(b)} | {verdict} |"
+        )
         summary_tasks[task] = {
             "metric": metric,
             "dev": d,
             "test": t,
+            "test_interval": None if bounds is None else list(bounds),
             "chance": c,
             "input_blind": b,
             "learned": is_learned,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich import box
 from rich.table import Table
 
-from mm.metrics import LEARNED_MARGIN, learned, scores_by_task
+from mm.metrics import LEARNED_MARGIN, interval, learned, scores_by_task
 
 
 def task_metric_table(metrics: dict[str, float], title: str, prefix: str = "eval/") -> Table:
@@ -28,20 +28,26 @@ def floors_table(
     chance: dict[str, float],
     title: str,
 ) -> Table:
-    """Each task's primary metric beside chance and the input-blind score, and whether it
-    clears both by LEARNED_MARGIN."""
+    """Each task's primary metric, with its 95 % bootstrap interval when scored with one,
+    beside chance and the input-blind score, and whether it clears both by LEARNED_MARGIN."""
     table = Table(
         title=title, caption=f"learned: beats chance and input-blind by {LEARNED_MARGIN:.0%} of the range"
     )
-    for column in ("task", "metric", "score", "chance", "input-blind", "learned"):
+    for column in ("task", "metric", "score", "95 % interval", "chance", "input-blind", "learned"):
         table.add_column(column, justify="left" if column in ("task", "metric", "learned") else "right")
     for task, metric in primary.items():
         value, floor = scores.get(task, {}).get(metric), blind.get(task, {}).get(metric)
         verdict = (
             "-" if value is None else ("yes" if learned(metric, value, chance.get(task), floor) else "no")
         )
-        table.add_row(task, metric, _format(value), _format(chance.get(task)), _format(floor), verdict)
+        bounds = format_interval(interval(scores.get(task, {}), metric))
+        floors = _format(chance.get(task)), _format(floor)
+        table.add_row(task, metric, _format(value), bounds, *floors, verdict)
     return table
+
+
+def format_interval(bounds: tuple[float, float] | None) -> str:
+    return "-" if bounds is None else f"{_format(bounds[0])} – {_format(bounds[1])}"
 
 
 def _format(value: float | None) -> str:

@@ -150,6 +150,33 @@ def test_training_step_on_ranks_equals_the_single_process_step(world, expert_par
     run_distributed(training_step_matches_single_process, world, expert_parallel)
 
 
+def evaluation_on_ranks_equals_the_single_process_one(rank: int, world: int) -> None:
+    from mm.evaluate import evaluate_task
+
+    single = tiny_model(seed=0, moe={"noisy_gating": False, "num_experts": 4})
+    sharded = copy.deepcopy(single)
+    parallel = DataExpertParallel(world)
+    parallel.parallelize(sharded)
+    for kind, metrics in (("image_classification", ["accuracy"]), ("translation", ["bleu"])):
+        task = next(t for t in synthetic_tasks() if t.kind == kind)
+        rows = SyntheticData(seed=3).batch(task, 12 * world)
+        # contiguous shares, as `mm.reader.evaluation_batches` cuts them: gathered in rank
+        # order they are the whole set in its order, so even the seeded resamples agree
+        batches, mine = rows.chunks(3), rows.chunks(world)[rank].chunks(3)
+        whole = evaluate_task(single, task.name, batches, metrics, max_len=8, intervals=True)
+        split = evaluate_task(sharded, task.name, mine, metrics, max_len=8, parallel=parallel, intervals=True)
+        assert set(split) == {metrics[0], f"{metrics[0]}_low", f"{metrics[0]}_high"}
+        assert split == pytest.approx(whole)
+        assert split[f"{metrics[0]}_low"] <= split[metrics[0]] <= split[f"{metrics[0]}_high"]
+    # without intervals, only the metrics
+    assert set(evaluate_task(sharded, task.name, mine, metrics, max_len=8, parallel=parallel)) == {"bleu"}
+
+
+@pytest.mark.parametrize("world", [2])
+def test_evaluation_with_intervals_on_ranks_equals_the_single_process_one(world):
+    run_distributed(evaluation_on_ranks_equals_the_single_process_one, world)
+
+
 def group_sum_is_the_all_reduce_it_replaces(rank: int, world: int) -> None:
     x = torch.tensor([1.0, 2.0, 3.0]) * (rank + 1) + 0.1 * rank
     x.requires_grad_(True)

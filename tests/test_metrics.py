@@ -60,6 +60,68 @@ def test_bracket_f1_ignores_preterminals_and_tolerates_malformed_output():
     assert M.bracket_scores([")) ((", ""], ["(S XX )", "(S XX )"])["bracket_f1"] == 0.0
 
 
+def _corpora(examples: int, seed: int = 0):
+    """Noisy outputs of every metric's kind: labels, sentences, parse trees."""
+    import random
+
+    rng = random.Random(seed)
+    words = "the a cat dog sat ran on under mat home".split()
+
+    def sentence():
+        return " ".join(rng.choice(words) for _ in range(rng.randint(2, 7)))
+
+    def noisy(text):
+        return " ".join(w if rng.random() < 0.7 else rng.choice(words) for w in text.split())
+
+    refs = [sentence() for _ in range(examples)]
+    gold = ["(S (NP XX XX )NP (VP XX (NP XX XX )NP )VP XX )S", "(S (NP XX )NP (VP XX XX )VP XX )S"]
+    guess = ["(S (NP XX XX )NP (VP XX XX XX )VP XX )S", "(S (NP XX )NP (VP XX (NP XX )NP )VP XX )S"]
+    trees = [rng.randrange(2) for _ in range(examples)]
+    labels = [rng.randrange(4) for _ in range(examples)]
+    return {
+        "accuracy": ([x if rng.random() < 0.6 else (x + 1) % 4 for x in labels], labels),
+        "wer": ([noisy(r) for r in refs], refs),
+        "bleu": ([noisy(r) for r in refs], [[r, noisy(r)] if i % 2 else r for i, r in enumerate(refs)]),
+        "bracket_f1": ([rng.choice([guess, gold])[t] for t in trees], [gold[t] for t in trees]),
+    }
+
+
+def _corpus_score(metric, hypotheses, references):
+    if metric == "accuracy":
+        return sum(h == r for h, r in zip(hypotheses, references)) / len(references)
+    if metric == "bracket_f1":
+        return M.bracket_scores(hypotheses, references)["bracket_f1"]
+    return {"bleu": M.bleu, "wer": M.wer}[metric](hypotheses, references)
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "wer", "bleu", "bracket_f1"])
+def test_bootstrap_interval_brackets_the_corpus_score_and_narrows_with_more_examples(metric):
+    hypotheses, references = _corpora(100)[metric]
+    counts = M.example_counts(metric, hypotheses, references)
+    assert len(counts) == 100
+    # the per-example counts add up to exactly the corpus-level score
+    whole = M.score_from_counts(metric, counts.sum(0, keepdims=True))[0]
+    assert whole == pytest.approx(_corpus_score(metric, hypotheses, references), abs=1e-9)
+    low, high = M.bootstrap_interval(metric, counts)
+    assert low < whole < high
+    assert (low, high) == M.bootstrap_interval(metric, counts)  # seeded
+    # four times the examples, drawn alike: about half as wide (1/sqrt(4))
+    more_hyps, more_refs = _corpora(400, seed=1)[metric]
+    more_low, more_high = M.bootstrap_interval(metric, M.example_counts(metric, more_hyps, more_refs))
+    assert 0.3 < (more_high - more_low) / (high - low) < 0.75
+
+
+def test_bootstrap_interval_of_a_perfect_output_is_a_point_and_of_nothing_an_error():
+    refs = ["the cat sat on the mat", "a dog ran home"]  # each has 4-grams: BLEU 100 in any resample
+    assert M.bootstrap_interval("wer", M.example_counts("wer", refs, refs)) == (0.0, 0.0)
+    low, high = M.bootstrap_interval("bleu", M.example_counts("bleu", refs, refs))
+    assert low == pytest.approx(100.0) and high == pytest.approx(100.0)
+    with pytest.raises(ValueError, match="no examples"):
+        M.bootstrap_interval("wer", M.example_counts("wer", ["x"], ["  "]))
+    with pytest.raises(ValueError, match="no per-example counts"):
+        M.example_counts("log_ppl", [], [])
+
+
 def test_token_accuracy_and_log_perplexity_skip_padding():
     logits = torch.log(torch.tensor([[0.7, 0.1, 0.2], [0.1, 0.1, 0.8]]))  # the real positions only
     targets = torch.tensor([[2, 2, 0]])  # the last position is padding

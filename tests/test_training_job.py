@@ -394,7 +394,10 @@ def test_mm_evaluate_scores_only_the_tasks_it_is_given(two_worker_run, shards, c
     checkpoint = str(two_worker_run[0].checkpoint)
     assert set(Predictor(checkpoint).evaluate(shards, "dev", tasks=["reverse"])) == {"reverse"}
     assert main(["evaluate", checkpoint, "--shards", str(shards), "--tasks", "reverse"]) is None
-    assert "aggregate score" not in capsys.readouterr().out  # not a mean over some of the tasks
+    out = capsys.readouterr().out
+    assert "aggregate score" not in out  # not a mean over some of the tasks
+    # the BLEU's 95 % interval sits beside the floors, not as metrics of its own
+    assert "95 % interval" in out and "bleu_low" not in out
     with pytest.raises(SystemExit) as exit_:
         main(["evaluate", checkpoint, "--shards", str(shards), "--tasks", "reverse,nosuch"])
     assert exit_.value.code == 2
@@ -415,9 +418,12 @@ def test_report_of_a_run_has_metrics_beside_chance_and_input_blind_curves_routin
     config = job_config(shards, tmp)
     predictor = Predictor(result.checkpoint)
     dev = scores_by_task(result.metrics)
-    again = predictor.evaluate(config.data.shards, "dev", config.train.eval_examples)
+    again = predictor.evaluate(config.data.shards, "dev", config.train.eval_examples, intervals=True)
     # the whole model in one process scores the dev rows as the two workers did together
     assert again["patches"]["accuracy"] == pytest.approx(dev["patches"]["accuracy"])
+    for task, metric in (("patches", "accuracy"), ("reverse", "bleu")):
+        low, value, high = (again[task][f"{metric}{end}"] for end in ("_low", "", "_high"))
+        assert low <= value <= high, (task, low, value, high)
     assert again["reverse"]["log_ppl"] == pytest.approx(dev["reverse"]["log_ppl"], rel=1e-4)
     references = {
         t: list(read_rows(config.data.shards, t, "dev", 8)["references"]) for t in ("reverse", "patches")
@@ -456,6 +462,8 @@ def test_report_of_a_run_has_metrics_beside_chance_and_input_blind_curves_routin
     summary = json.loads((report.parent / "summary.json").read_text())
     patches = summary["tasks"]["patches"]
     assert patches["input_blind"] == blind["patches"]["accuracy"] and patches["chance"] == 0.25
+    assert patches["test_interval"] == [again["patches"]["accuracy_low"], again["patches"]["accuracy_high"]]
+    assert "test, 95 % interval" in text
     assert patches["learned"] in (True, False) and summary["training"]["mfu"] == training["mfu"]
     entropy = summary["routing_entropy"]
     assert set(entropy) == {"reverse", "patches"} and all(0 < h <= 1 for hs in entropy.values() for h in hs)
