@@ -66,8 +66,9 @@ def evaluate_task(
             scores = _score_text(
                 model, task, batches, metric_names, detokenize, max_len, beam, parallel, constraint, intervals
             )
-        wanted = set(metric_names) | {f"{m}_{end}" for m in metric_names for end in ("low", "high")}
-        return {name: value for name, value in scores.items() if name in wanted}
+        # the task's metrics in its order, each followed by its interval when there is one
+        wanted = [f"{m}{end}" for m in metric_names for end in ("", "_low", "_high")]
+        return {name: scores[name] for name in wanted if name in scores}
     finally:
         model.train(was_training)
 
