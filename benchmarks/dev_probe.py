@@ -8,7 +8,8 @@ decoding). Compare two settings with the same steps and seed; the demo's own fig
 `make demo`. Needs the starter shards (`make demo`, or `mm starter && mm prepare CONFIG`).
 
 Prints one JSON line per evaluation: the step, training seconds, how many steps each task got,
-every dev metric, each task's routing entropy per MoE layer and the load's CV (as the demo
+every dev metric (a decoded one with its 95 % bootstrap interval, `<metric>_low` and
+`<metric>_high`), each task's routing entropy per MoE layer and the load's CV (as the demo
 report has them, over the steps so far).
 
     python -m benchmarks.dev_probe --steps 1400 --eval-at 700 -o tasks.ptb.mix_weight=0.8
@@ -77,7 +78,11 @@ def main() -> None:
         steps_per_task[log.task] += 1
         count_routing(routing, log.task, log.expert_load)
         if trainer.step in scored_at:
-            scores = {name: score_task(model, config.task(name), b, vocab) for name, b in dev.items()}
+            # with each decoded metric's 95 % interval: 200 dev examples decide few differences
+            scores = {
+                name: score_task(model, config.task(name), rows, vocab, intervals=True)
+                for name, rows in dev.items()
+            }
             emit(
                 {
                     "benchmark": "dev_probe",
