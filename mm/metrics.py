@@ -363,9 +363,13 @@ def expert_sharing(routing: dict[str, list[list[int]]], modality: dict[str, str]
 LEARNED_MARGIN = 0.02
 
 
-def learned(metric: str, value: float, *floors: float | None) -> bool:
-    """Whether `value` clears every floor (chance, input-blind) by LEARNED_MARGIN."""
-    score = normalized(metric, value)
+def learned(
+    metric: str, value: float, *floors: float | None, bounds: tuple[float, float] | None = None
+) -> bool:
+    """Whether `value` clears every floor (chance, input-blind) by LEARNED_MARGIN. Given the
+    score's 95 % interval, its worse end must clear them too: a score that beats a floor only
+    on a lucky sample of test examples has not shown that it learned."""
+    score = min(normalized(metric, v) for v in (value, *(bounds or ())))
     return all(floor is None or score - normalized(metric, floor) >= LEARNED_MARGIN for floor in floors)
 
 

@@ -79,9 +79,10 @@ def write_report(
         f"Ray Train workers, {config.model.moe.num_experts} experts (k={config.model.moe.k}).",
         "",
         f"Input-blind: the same model on the test split with every input blanked (a black image, "
-        f"silence, an empty sentence). Learned: the test score beats chance and input-blind by "
-        f"{LEARNED_MARGIN:.0%} of the metric's range. Interval: the test score's 95 % bootstrap "
-        f"interval over the test examples; scores whose intervals overlap are not told apart.",
+        f"silence, an empty sentence). Interval: the test score's 95 % bootstrap interval over "
+        f"the test examples; scores whose intervals overlap are not told apart. Learned: the test "
+        f"score and the worse end of its interval beat chance and input-blind by "
+        f"{LEARNED_MARGIN:.0%} of the metric's range.",
         "",
         "| task | metric | dev | test | test, 95 % interval | chance | input-blind | learned |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
@@ -90,9 +91,9 @@ def write_report(
     for task, metric in primary.items():
         d, t, c = dev.get(task, {}).get(metric), test.get(task, {}).get(metric), chance.get(task)
         b = blind.get(task, {}).get(metric)
-        is_learned = None if None in (t, c, b) else learned(metric, t, c, b)
-        verdict = {None: "-", True: "yes", False: "no"}[is_learned]
         bounds = interval(test.get(task, {}), metric)
+        is_learned = None if None in (t, c, b) else learned(metric, t, c, b, bounds=bounds)
+        verdict = {None: "-", True: "yes", False: "no"}[is_learned]
         shown = "-" if bounds is None else f"{_fmt(bounds[0])} – {_fmt(bounds[1])}"
         lines.append(
             f"| {task} | {metric} | {_fmt(d)} | {_fmt(t)} | {shown} | {_fmt(c)} | {_fmt(b)} | {verdict} |"

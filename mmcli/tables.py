@@ -29,20 +29,22 @@ def floors_table(
     title: str,
 ) -> Table:
     """Each task's primary metric, with its 95 % bootstrap interval when scored with one,
-    beside chance and the input-blind score, and whether it clears both by LEARNED_MARGIN."""
-    table = Table(
-        title=title, caption=f"learned: beats chance and input-blind by {LEARNED_MARGIN:.0%} of the range"
+    beside chance and the input-blind score, and whether it (and its interval's worse end)
+    clears both by LEARNED_MARGIN."""
+    caption = (
+        f"learned: the score and its interval's worse end beat chance and input-blind by "
+        f"{LEARNED_MARGIN:.0%} of the range"
     )
+    table = Table(title=title, caption=caption)
     for column in ("task", "metric", "score", "95 % interval", "chance", "input-blind", "learned"):
         table.add_column(column, justify="left" if column in ("task", "metric", "learned") else "right")
     for task, metric in primary.items():
         value, floor = scores.get(task, {}).get(metric), blind.get(task, {}).get(metric)
-        verdict = (
-            "-" if value is None else ("yes" if learned(metric, value, chance.get(task), floor) else "no")
-        )
-        bounds = format_interval(interval(scores.get(task, {}), metric))
+        bounds = interval(scores.get(task, {}), metric)
+        is_learned = value is not None and learned(metric, value, chance.get(task), floor, bounds=bounds)
+        verdict = "-" if value is None else ("yes" if is_learned else "no")
         floors = _format(chance.get(task)), _format(floor)
-        table.add_row(task, metric, _format(value), bounds, *floors, verdict)
+        table.add_row(task, metric, _format(value), format_interval(bounds), *floors, verdict)
     return table
 
 

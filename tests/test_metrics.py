@@ -122,6 +122,19 @@ def test_bootstrap_interval_of_a_perfect_output_is_a_point_and_of_nothing_an_err
         M.example_counts("log_ppl", [], [])
 
 
+def test_learned_needs_the_margin_over_every_floor_and_the_interval_too():
+    # the margin is 2 % of the range: 2 BLEU points, 0.02 WER
+    assert M.learned("bleu", 2.5, 0.0, 0.0) and not M.learned("bleu", 1.5, 0.0, 0.0)
+    assert M.learned("bleu", 30.0, 0.0, None)  # a floor not measured does not count
+    assert not M.learned("bleu", 30.0, 0.0, 29.0)  # beaten by the input-blind score's margin
+    # lower is better for WER: the interval's worse end is its high one
+    assert M.learned("wer", 0.90, 1.0, 0.99, bounds=(0.86, 0.93))
+    assert not M.learned("wer", 0.90, 1.0, 0.99, bounds=(0.80, 0.98))
+    # an EN-DE-like score: above both floors, but its low end is within the margin of them
+    assert M.learned("bleu", 3.0, 0.0, 0.0) and not M.learned("bleu", 3.0, 0.0, 0.0, bounds=(1.2, 4.9))
+    assert M.learned("accuracy", 0.885, 0.1, 0.1, bounds=(0.84, 0.93))
+
+
 def test_token_accuracy_and_log_perplexity_skip_padding():
     logits = torch.log(torch.tensor([[0.7, 0.1, 0.2], [0.1, 0.1, 0.8]]))  # the real positions only
     targets = torch.tensor([[2, 2, 0]])  # the last position is padding

@@ -409,7 +409,7 @@ def test_mm_evaluate_scores_only_the_tasks_it_is_given(two_worker_run, shards, c
 def test_report_of_a_run_has_metrics_beside_chance_and_input_blind_curves_routing_and_a_summary(
     two_worker_run, shards, tmp_path
 ):
-    from mm.metrics import scores_by_task
+    from mm.metrics import learned, scores_by_task
     from mm.predict import Predictor
     from mm.reader import read_rows
     from mmcli.report import chance_levels, write_report
@@ -464,7 +464,11 @@ def test_report_of_a_run_has_metrics_beside_chance_and_input_blind_curves_routin
     assert patches["input_blind"] == blind["patches"]["accuracy"] and patches["chance"] == 0.25
     assert patches["test_interval"] == [again["patches"]["accuracy_low"], again["patches"]["accuracy_high"]]
     assert "test, 95 % interval" in text
-    assert patches["learned"] in (True, False) and summary["training"]["mfu"] == training["mfu"]
+    # the verdict weighs the interval's worse end too
+    assert patches["learned"] == learned(
+        "accuracy", patches["test"], 0.25, patches["input_blind"], bounds=tuple(patches["test_interval"])
+    )
+    assert summary["training"]["mfu"] == training["mfu"]
     entropy = summary["routing_entropy"]
     assert set(entropy) == {"reverse", "patches"} and all(0 < h <= 1 for hs in entropy.values() for h in hs)
     assert "routing entropy, MoE layer 1" in text
