@@ -6,7 +6,7 @@ import pytest
 
 from mm.config import ConfigError, parse_config
 from mm.metrics import aggregate_score, normalized, scores_by_task
-from tune.space import mixing_ratios, trial_config
+from tune.space import config_point, mixing_ratios, trial_config
 from tune.stats import paired_difference, summarize
 
 BASE = {
@@ -50,7 +50,7 @@ def test_normalised_scores_and_their_mean_over_tasks():
 
 def test_trial_parameters_reach_the_config_and_are_validated_again():
     base = parse_config(BASE)
-    config = trial_config(base, {"mix/de": 3.0, "mix/img": 1.0, "capacity_factor": 2.0, "k": 1, "lr": 1e-3})
+    config = trial_config(base, {"mix.de": 3.0, "mix.img": 1.0, "capacity_factor": 2.0, "k": 1, "lr": 1e-3})
     assert config.train.mixing.strategy == "ratios"
     assert [t.mix_weight for t in config.tasks] == [3.0, 1.0]
     assert (config.model.moe.capacity_factor, config.model.moe.k, config.train.lr) == (2.0, 1, 1e-3)
@@ -75,6 +75,7 @@ def test_step_shares_of_ratios_and_of_a_schedule_by_hand():
 
 def test_schedulers_and_searchers_are_built_from_the_config():
     from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
+    from ray.tune.search.basic_variant import BasicVariantGenerator
     from ray.tune.search.optuna import OptunaSearch
 
     from tune.sweep import _scheduler, _searcher
@@ -84,8 +85,24 @@ def test_schedulers_and_searchers_are_built_from_the_config():
     assert isinstance(asha, ASHAScheduler) and asha._max_t == 10  # evaluations in a run
     pbt = _scheduler(parse_config({**base, "tune": {"scheduler": "pbt", "trials": 2, "max_concurrent": 2}}))
     assert isinstance(pbt, PopulationBasedTraining)
-    assert set(pbt._hyperparam_mutations) == {"mix/de", "mix/img"}  # PBT perturbs the mixing weights
+    assert set(pbt._hyperparam_mutations) == {"mix.de", "mix.img"}  # PBT perturbs the mixing weights
     with pytest.raises(ConfigError, match=r"max_concurrent \(1\) must be at least trials \(4\)"):
         parse_config({**base, "tune": {"scheduler": "pbt", "trials": 4}})
     assert isinstance(_searcher(parse_config({**base, "tune": {"search": "optuna"}})), OptunaSearch)
-    assert _searcher(parse_config(base)) is None  # random/grid: Tune's variant generator
+    assert isinstance(_searcher(parse_config(base)), BasicVariantGenerator)  # random or grid
+
+
+def test_the_config_own_values_are_the_point_a_search_starts_from():
+    moe = {"num_experts": 4, "k": 1, "capacity_factor": 1.5}
+    raw = {**BASE, "train": {"lr": 2e-3, "mixing": {"strategy": "ratios"}}, "model": {"moe": moe}}
+    raw["tasks"] = [{**BASE["tasks"][0], "mix_weight": 1.5}, BASE["tasks"][1]]
+    config = parse_config(raw)
+    point = config_point(config)
+    # capacity factor 1.5 is not among the space's choices: left to the searcher
+    assert point == {"k": 1, "lr": 2e-3, "mix.de": 1.5, "mix.img": 1.0}
+    again = trial_config(config, point)  # the config itself, as a trial
+    assert [t.mix_weight for t in again.tasks] == [1.5, 1.0] and again.train.lr == 2e-3
+    # weights of another mixing strategy are no point of the weight space
+    assert "mix.de" not in config_point(parse_config({**raw, "train": {"lr": 2e-3}}))
+    outside = parse_config({**raw, "tune": {"space": {"weight": [2.0, 4.0], "lr": None}}})
+    assert config_point(outside) == {"k": 1}

@@ -193,6 +193,47 @@ def test_mlflow_models_serve_answers_invocations(swept, tmp_path):
         process.wait(timeout=30)
 
 
+def _sampled(config, tmp_path) -> list[dict]:
+    """The parameters a sweep's searcher gives its trials, in order, from a real Tuner whose
+    trials only report what they were given."""
+    from ray import tune
+
+    from tune.space import search_space
+    from tune.sweep import _searcher, build_tuner
+
+    def trial(params):
+        tune.report({"objective": 0.0, "order": time.monotonic()})
+
+    config.cluster.storage_path = tmp_path
+    tuner = build_tuner(
+        config,
+        trial,
+        "points",
+        param_space=search_space(config),
+        tune_config=tune.TuneConfig(
+            metric="objective", mode="max", num_samples=config.tune.trials, search_alg=_searcher(config)
+        ),
+    )
+    results = sorted(tuner.fit(), key=lambda r: r.metrics["order"])
+    return [{k: v for k, v in r.config.items()} for r in results]
+
+
+@pytest.mark.parametrize("search", ["random", "optuna"])
+def test_a_search_starts_from_the_config_and_samples_the_same_trials_again(ray_local, tmp_path, search):
+    raw = config_dict(tmp_path / "shards", tmp_path)
+    raw["train"]["mixing"] = {"strategy": "ratios"}
+    raw["tasks"][0]["mix_weight"] = 2.0
+    raw["tune"] = {"trials": 3, "search": search, "space": {"capacity_factor": [1.25, 2.0], "lr": None}}
+    raw["model"]["moe"]["capacity_factor"] = 2.0
+    config = parse_config(raw)
+    first, *rest = trials = _sampled(config, tmp_path / "a")
+    names = [t["name"] for t in raw["tasks"]]
+    assert first["capacity_factor"] == 2.0 and first[f"mix.{names[0]}"] == 2.0
+    assert first[f"mix.{names[1]}"] == 1.0 and first["k"] == config.model.moe.k
+    assert all(t[f"mix.{names[0]}"] != 2.0 for t in rest)  # the others are sampled
+    assert _sampled(config, tmp_path / "b") == trials  # seeded
+
+
 def test_bad_sweep_inputs_fail_clearly(tmp_path):
     raw = config_dict(tmp_path / "shards", tmp_path)
     raw["tune"] = {"space": {"tasks": ["reverse", "nonesuch"]}}
@@ -232,11 +273,11 @@ def test_population_based_training_runs_trials_in_segments_and_keeps_the_mixing_
     mlflow = client(result.tracking_uri)
     for trial in result.trials:
         assert trial.metrics["step"] == 6 and trial.metrics["training_iteration"] == 2  # 2 segments
-        assert {"mix/reverse", "mix/patches"} <= set(trial.params) and trial.objective is not None
+        assert {"mix.reverse", "mix.patches"} <= set(trial.params) and trial.objective is not None
         # each checkpoint knows the schedule that led to it; its last phase is this trial's weights
         schedule = pbt_schedule(trial.checkpoint)
         assert schedule[0]["start"] == 0 and [p["start"] for p in schedule] in ([0], [0, 3])
-        weights = {task: trial.params[f"mix/{task}"] for task in ("reverse", "patches")}
+        weights = {task: trial.params[f"mix.{task}"] for task in ("reverse", "patches")}
         total = sum(weights.values())
         assert schedule[-1]["weights"] == pytest.approx({t: w / total for t, w in weights.items()})
         # each trial logs into its own MLflow run, even after copying the other's checkpoint

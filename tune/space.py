@@ -1,9 +1,10 @@
 """The sweep's search space, from the config's `tune.space`, and a trial's config from its
 sampled parameters.
 
-Parameters, flat so every searcher and scheduler can handle them:
+Parameters, flat so every searcher and scheduler can handle them (the first trial of a random
+or Optuna search takes the config's own values, `config_point`):
 
-    mix/<task>        a task's mixing weight (space.mixing: weights), normalised by the sampler
+    mix.<task>        a task's mixing weight (space.mixing: weights), normalised by the sampler
     temperature       temperature over corpus sizes (space.mixing: temperature)
     capacity_factor   MoE capacity factor
     k                 experts per token
@@ -17,7 +18,7 @@ from typing import Any
 
 from mm.config import Config
 
-MIX = "mix/"
+MIX = "mix."  # not "/": Tune flattens the points a search starts from at "/"
 
 
 def search_space(config: Config) -> dict[str, Any]:
@@ -40,6 +41,34 @@ def search_space(config: Config) -> dict[str, Any]:
     elif space.mixing == "temperature":
         params["temperature"] = log_range(space.temperature)
     return params
+
+
+def config_point(config: Config) -> dict[str, Any]:
+    """The config's own values of what the sweep varies, where they lie in its space.
+
+    The sweep's first trial: its best is then measured against what the config has now, in
+    the same trial settings, and a sweep that finds nothing better says so. Values the space
+    cannot hold (a capacity factor not among the choices, weights under another mixing
+    strategy) are left to the searcher."""
+    space, moe, train = config.tune.space, config.model.moe, config.train
+    point: dict[str, Any] = {}
+    if moe.capacity_factor in space.capacity_factor:
+        point["capacity_factor"] = moe.capacity_factor
+    if moe.k in space.k:
+        point["k"] = moe.k
+    if space.lr is not None and space.lr[0] <= train.lr <= space.lr[1]:
+        point["lr"] = train.lr
+    if space.mixing == "weights" and train.mixing.strategy == "ratios":
+        low, high = space.weight
+        weights = {t.name: t.mix_weight or 1.0 for t in config.tasks}
+        for task in space.tasks or config.task_names:
+            if low <= weights[task] <= high:
+                point[f"{MIX}{task}"] = weights[task]
+    elif space.mixing == "temperature" and train.mixing.strategy == "temperature":
+        low, high = space.temperature
+        if low <= train.mixing.temperature <= high:
+            point["temperature"] = train.mixing.temperature
+    return point
 
 
 def trial_config(base: Config, params: dict[str, Any]) -> Config:

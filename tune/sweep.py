@@ -31,7 +31,7 @@ from cluster.tracking import client, experiment_id, resolve_tracking_uri, start_
 from mm.checkpoint import write_file
 from mm.config import Config, parse_config
 from mm.reader import load_manifests, train_rows
-from tune.space import MIX, mixing_ratios, search_space, trial_config
+from tune.space import MIX, config_point, mixing_ratios, search_space, trial_config
 
 
 @dataclass
@@ -216,11 +216,16 @@ def _scheduler(config: Config):
 
 
 def _searcher(config: Config):
-    if config.tune.search != "optuna":
-        return None  # Tune's variant generator: random sampling, grid_search entries as a grid
+    """Optuna, or Tune's variant generator (random sampling, grid_search entries as a grid),
+    both seeded so that a sweep samples the same trials again. A random or Optuna search
+    starts from the config's own values (`config_point`): the baseline its trials must beat."""
+    from ray.tune.search.basic_variant import BasicVariantGenerator
     from ray.tune.search.optuna import OptunaSearch
 
-    return OptunaSearch(seed=config.seed)
+    first = None if config.tune.search == "grid" else [config_point(config)]
+    if config.tune.search == "optuna":
+        return OptunaSearch(seed=config.seed, points_to_evaluate=first)
+    return BasicVariantGenerator(points_to_evaluate=first, random_state=config.seed)
 
 
 def _trial_of(result) -> Trial:
