@@ -195,14 +195,16 @@ def test_mlflow_models_serve_answers_invocations(swept, tmp_path):
 
 def _sampled(config, tmp_path) -> list[dict]:
     """The parameters a sweep's searcher gives its trials, in order, from a real Tuner whose
-    trials only report what they were given."""
+    trials only wait a little and report when they ran."""
     from ray import tune
 
     from tune.space import search_space
     from tune.sweep import _searcher, build_tuner
 
     def trial(params):
-        tune.report({"objective": 0.0, "order": time.monotonic()})
+        started = time.time()
+        time.sleep(0.5)
+        tune.report({"objective": 0.0, "started": started, "ended": time.time()})
 
     config.cluster.storage_path = tmp_path
     tuner = build_tuner(
@@ -211,10 +213,16 @@ def _sampled(config, tmp_path) -> list[dict]:
         "points",
         param_space=search_space(config),
         tune_config=tune.TuneConfig(
-            metric="objective", mode="max", num_samples=config.tune.trials, search_alg=_searcher(config)
+            metric="objective",
+            mode="max",
+            num_samples=config.tune.trials,
+            max_concurrent_trials=config.tune.max_concurrent,
+            search_alg=_searcher(config),
         ),
     )
-    results = sorted(tuner.fit(), key=lambda r: r.metrics["order"])
+    results = sorted(tuner.fit(), key=lambda r: r.metrics["started"])
+    # tune.max_concurrent (1 here) holds: each trial starts after the one before it ended
+    assert all(a.metrics["ended"] <= b.metrics["started"] for a, b in zip(results, results[1:]))
     return [{k: v for k, v in r.config.items()} for r in results]
 
 

@@ -218,14 +218,18 @@ def _scheduler(config: Config):
 def _searcher(config: Config):
     """Optuna, or Tune's variant generator (random sampling, grid_search entries as a grid),
     both seeded so that a sweep samples the same trials again. A random or Optuna search
-    starts from the config's own values (`config_point`): the baseline its trials must beat."""
+    starts from the config's own values (`config_point`): the baseline its trials must beat.
+    Tune limits the concurrency of a Searcher (Optuna) itself, but not of a variant generator
+    handed to it, which must be told."""
     from ray.tune.search.basic_variant import BasicVariantGenerator
     from ray.tune.search.optuna import OptunaSearch
 
     first = None if config.tune.search == "grid" else [config_point(config)]
     if config.tune.search == "optuna":
         return OptunaSearch(seed=config.seed, points_to_evaluate=first)
-    return BasicVariantGenerator(points_to_evaluate=first, random_state=config.seed)
+    return BasicVariantGenerator(
+        points_to_evaluate=first, max_concurrent=config.tune.max_concurrent, random_state=config.seed
+    )
 
 
 def _trial_of(result) -> Trial:
