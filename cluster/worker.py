@@ -85,7 +85,6 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         resumed = {"train/resumed_at_step": trainer.step, "train/workers": world}
         run.metrics.add(trainer.step + 1, resumed, replay=False)
     fit(trainer, lambda task: next(streams[task]).to(device), run.on_step, run.evaluate, run.save)
-    run.finish()
 
 
 def task_records(specs, manifests: dict[str, Manifest]) -> list[dict[str, Any]]:
@@ -260,9 +259,14 @@ class _Run:
                     write_experts=writes_experts,
                 )
             checkpoint = ray.train.Checkpoint.from_directory(directory)  # every rank's streams
+            # MLflow first: a sweep may end this trial as soon as Tune has the report (ASHA at
+            # its last rung), and what is not logged by then is lost. A restart that replays
+            # these steps skips them (`MetricsBuffer`), and exact resume makes them the same.
+            if self.metrics is not None:
+                self.metrics.commit()
+                if step == self.config.train.steps:
+                    self.metrics.log_dict(self.routing, "routing.json")
             ray.train.report(reported, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:07d}")
-        if self.metrics is not None:
-            self.metrics.commit()
 
     def _objective(self) -> dict[str, float]:
         """The sweep's objective: the mean over tasks of each primary dev metric, normalised."""
@@ -292,10 +296,6 @@ class _Run:
             "perf/train_gflops": gflops,
             "perf/mfu": gflops / (self.peak_gflops * self.world),
         }
-
-    def finish(self) -> None:
-        if self.metrics is not None:
-            self.metrics.log_dict(self.routing, "routing.json")
 
 
 def _short(scores: dict[str, float]) -> str:

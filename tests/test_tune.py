@@ -96,6 +96,20 @@ def test_sweep_logs_a_parent_run_with_one_child_per_trial(swept):
         assert run.data.params["model.moe.capacity_factor"] == str(trial.params["capacity_factor"])
         assert "eval/reverse/bleu" in run.data.metrics and "eval/patches/accuracy" in run.data.metrics
     assert result.best is not None and result.best.objective == max(t.objective for t in children)
+    # a trial that trained all its steps has them all in MLflow, though Tune ends it at its
+    # last report: the final evaluation, the last step's loss, the routing, and FINISHED
+    completed = [t for t in children if t.metrics["step"] == 6]
+    assert result.best in completed
+    for trial in completed:
+        run = mlflow.get_run(trial.run_id)
+        assert run.info.status == "FINISHED"
+        assert 6 in {m.step for m in mlflow.get_metric_history(trial.run_id, "eval/reverse/bleu")}
+        losses = [mlflow.get_metric_history(trial.run_id, f"train/{t}/loss") for t in ("reverse", "patches")]
+        assert max(m.step for history in losses for m in history) == 6
+        assert "routing.json" in {a.path for a in mlflow.list_artifacts(trial.run_id)}
+    for trial in children:
+        if trial not in completed:
+            assert mlflow.get_run(trial.run_id).info.status == "KILLED"
     artifacts = {a.path for a in mlflow.list_artifacts(result.parent_run_id)}
     assert {"trials.json", "objective_per_trial.png", "metric_vs_mixing_ratio.png"} <= artifacts
 

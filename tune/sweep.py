@@ -282,6 +282,9 @@ def _log_summary(outcome: SweepResult, config: Config) -> None:
         mlflow.set_tag(outcome.parent_run_id, "best_trial", outcome.best.name)
     failed = [t.name for t in outcome.trials if t.error]
     mlflow.set_tag(outcome.parent_run_id, "failed_trials", ", ".join(failed) or "none")
-    for trial in outcome.trials:  # runs of trials that ASHA stopped never finished by themselves
+    # Tune ends a trial at its last report, before its job can mark the run finished: one that
+    # trained all its steps is FINISHED, one that ASHA stopped early is KILLED
+    for trial in outcome.trials:
         if trial.run_id and mlflow.get_run(trial.run_id).info.status == "RUNNING":
-            mlflow.set_terminated(trial.run_id, status="KILLED")
+            trained_all = trial.metrics.get("step") == config.train.steps
+            mlflow.set_terminated(trial.run_id, status="FINISHED" if trained_all else "KILLED")
