@@ -60,6 +60,17 @@ class MoEConfig(Section):
         return self
 
 
+class SpecAugmentConfig(Section):
+    """SpecAugment (Park et al. 2019) on speech's training inputs: bands of mel bins and spans
+    of frames set to their utterance's mean. Off (no masks) by default, as in the paper's
+    model. Each mask's width is drawn uniformly from 0 to its maximum."""
+
+    freq_masks: int = Field(0, ge=0)
+    freq_width: int = Field(15, ge=0, description="widest frequency mask, in mel bins")
+    time_masks: int = Field(0, ge=0)
+    time_width: float = Field(0.1, ge=0, le=1, description="widest time mask, as a share of the utterance")
+
+
 class ModelConfig(Section):
     preset: Literal["tiny", "base"] | None = None
     d_model: int = Field(64, ge=8)
@@ -81,6 +92,7 @@ class ModelConfig(Section):
     # Speech: weight of an auxiliary CTC loss on the encoder's output (hybrid CTC/attention, as
     # ESPnet), which helps the attention find its alignment on little data. 0: the paper's model.
     ctc_weight: float = Field(0.0, ge=0)
+    spec_augment: SpecAugmentConfig = SpecAugmentConfig()
     tie_embeddings: bool = False
     moe: MoEConfig = MoEConfig()
     # Ablations (the paper's Table 4): leave the MoE layers out, or the decoder's attention

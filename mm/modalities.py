@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mm.config import SpecAugmentConfig
 from mm.layers import ChannelNorm, SeparableConv
 
 
@@ -102,17 +103,44 @@ class ImageInput(nn.Module):
 
 class AudioInput(nn.Module):
     """Log-mel frames [B, T, bins] with lengths [B] -> [B, ~T/downsampling, d], striding over
-    time only (downsampling 2, 4, 8 or 16)."""
+    time only (downsampling 2, 4, 8 or 16). In training, SpecAugment masks when configured."""
 
-    def __init__(self, d: int, bins: int, downsampling: int = 16):
+    def __init__(self, d: int, bins: int, downsampling: int = 16, masking: SpecAugmentConfig | None = None):
         super().__init__()
         self.entry = XceptionEntry(bins, d, dims=1, strided_blocks=int(math.log2(downsampling)) - 1)
+        self.masking = masking or SpecAugmentConfig()
 
     def forward(self, frames: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         mask = torch.arange(frames.shape[1], device=frames.device)[None, :] < lengths[:, None]
-        x = normalize_utterances(frames.float(), mask).transpose(1, 2)
-        x, mask = self.entry(x, mask)
+        x = normalize_utterances(frames.float(), mask)
+        if self.training and (self.masking.freq_masks or self.masking.time_masks):
+            x = spec_augment(x, lengths, self.masking)
+        x, mask = self.entry(x.transpose(1, 2), mask)
         return x.transpose(1, 2), mask
+
+
+def spec_augment(x: Tensor, lengths: Tensor, masking: SpecAugmentConfig) -> Tensor:
+    """Zero bands of mel bins and spans of real frames of normalised features [B, T, bins],
+    independently per utterance (zero is the utterance's mean after normalising)."""
+    batch, frames, bins = x.shape
+    keep = torch.ones(batch, frames, bins, dtype=torch.bool, device=x.device)
+    for _ in range(masking.freq_masks):
+        band = _random_spans(torch.full((batch,), bins, device=x.device), masking.freq_width, bins)
+        keep &= ~band[:, None, :]
+    for _ in range(masking.time_masks):
+        widest = (lengths.float() * masking.time_width).long()
+        keep &= ~_random_spans(lengths, widest, frames)[:, :, None]
+    return x * keep
+
+
+def _random_spans(lengths: Tensor, widest: Tensor | int, size: int) -> Tensor:
+    """[B, size] True on one span per row, of width uniform in 0..widest, inside 0..length."""
+    rows = len(lengths)
+    widest = torch.as_tensor(widest, device=lengths.device).expand(rows)
+    width = (torch.rand(rows, device=lengths.device) * (widest + 1)).long().minimum(lengths)
+    start = (torch.rand(rows, device=lengths.device) * (lengths - width + 1)).long()
+    positions = torch.arange(size, device=lengths.device)[None, :]
+    return (positions >= start[:, None]) & (positions < (start + width)[:, None])
 
 
 def normalize_utterances(frames: Tensor, mask: Tensor) -> Tensor:

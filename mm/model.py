@@ -166,7 +166,9 @@ class MultiModel(nn.Module):
         modalities = {t.input_modality for t in tasks}
         self.image_in = ImageInput(d, config.image_channels) if "image" in modalities else None
         self.audio_in = (
-            AudioInput(d, config.audio_bins, config.audio_downsampling) if "audio" in modalities else None
+            AudioInput(d, config.audio_bins, config.audio_downsampling, config.spec_augment)
+            if "audio" in modalities
+            else None
         )
         self.text_in = TextInput(vocab_size, d)  # also embeds the decoder's (shifted) targets
         self.encoder = Encoder(config)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from mm.batch import Batch, pad_sequences
+from mm.config import SpecAugmentConfig
 from mm.layers import (
     AttentionBlock,
     ConvBlock,
@@ -16,7 +17,7 @@ from mm.layers import (
     SeparableConv,
     timing_signal,
 )
-from mm.modalities import AudioInput, ClassOutput, ImageInput, TextInput
+from mm.modalities import AudioInput, ClassOutput, ImageInput, TextInput, spec_augment
 from mm.model import MultiModel, training_flops
 from mm.synthetic import VOCAB_SIZE, SyntheticData
 
@@ -40,6 +41,40 @@ def test_audio_modality_strides_over_time_only_and_tracks_lengths():
     x, mask = net(frames, torch.tensor([100, 37]))
     assert x.shape == (2, 7, 32)  # 100 -> 50 -> 25 -> 13 -> 7
     assert mask.sum(1).tolist() == [7, 3]  # 37 -> 19 -> 10 -> 5 -> 3
+
+
+def test_spec_augment_masks_bands_and_spans_in_training_only():
+    torch.manual_seed(0)
+    x = torch.randn(64, 50, 80)
+    lengths = torch.randint(20, 51, (64,))
+    masking = SpecAugmentConfig(freq_masks=2, freq_width=15, time_masks=2, time_width=0.2)
+    out = spec_augment(x, lengths, masking)
+    zeroed = out == 0
+    assert ((out == x) | zeroed).all()  # values are kept or masked, never changed
+    bands = zeroed.all(1)  # [B, bins]: mel bins masked at every frame
+    assert (bands.sum(1) <= 2 * 15).all() and bands.any()
+    spans = zeroed.all(2)  # [B, T]: frames masked in every bin
+    for row, length in enumerate(lengths.tolist()):
+        assert spans[row].sum() <= 2 * int(length * 0.2)
+    assert spans.any()
+    # the same seed masks alike (training seeds each step), another one does not
+    torch.manual_seed(1)
+    first = spec_augment(x, lengths, masking)
+    torch.manual_seed(1)
+    assert torch.equal(spec_augment(x, lengths, masking), first)
+    assert not torch.equal(first, out)
+
+    net = AudioInput(d=32, bins=80, masking=masking)
+    frames, both = torch.randn(2, 100, 80), torch.tensor([100, 37])
+    net.eval()
+    torch.testing.assert_close(net(frames, both)[0], net(frames, both)[0])  # no masking at evaluation
+    net.train()
+    torch.manual_seed(3)
+    masked, _ = net(frames, both)
+    assert not torch.allclose(masked, net.eval()(frames, both)[0])
+    plain = AudioInput(d=32, bins=80).train()  # off by default: training sees the input as it is
+    plain.load_state_dict(net.state_dict())
+    torch.testing.assert_close(plain(frames, both)[0], plain.eval()(frames, both)[0])
 
 
 def test_text_modality_scales_embeddings_and_embeds_padding_as_zero():
