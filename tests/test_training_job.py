@@ -64,16 +64,28 @@ def history(result, key: str) -> list[tuple[int, float]]:
 
 STEPS = 40  # of the module's reference run, and of the run whose worker is killed
 CHECKPOINTED = {"checkpoint_every": 10, "log_every": 10, "eval_every": 1000}  # none changes a loss
+STREAMED = {"read": "stream"}  # Ray Data streams the shards to the workers, as for a big corpus
 
 
 @pytest.fixture(scope="module")
 def two_worker_run(ray_local, shards, tmp_path_factory):
+    """The module's reference run: 2 workers streaming their shards, with the resident memory of
+    the driver and of both workers sampled throughout."""
     tmp = tmp_path_factory.mktemp("run2")
-    return train(job_config(shards, tmp, steps=STEPS, train=CHECKPOINTED)), tmp
+    samples: list[tuple[float, dict[int, int]]] = []
+    done = threading.Event()
+    sampler = threading.Thread(target=sample_memory, args=(samples, done), daemon=True)
+    sampler.start()
+    try:
+        result = train(job_config(shards, tmp, steps=STEPS, train=CHECKPOINTED, data=STREAMED))
+    finally:
+        done.set()
+        sampler.join(timeout=5)
+    return result, tmp, samples
 
 
 def test_two_workers_train_with_sharded_experts_and_log_to_mlflow(two_worker_run):
-    result, _ = two_worker_run
+    result, _, _ = two_worker_run
     assert result.metrics["step"] == STEPS
     assert {"eval/reverse/bleu", "eval/reverse/log_ppl", "eval/patches/accuracy"} <= set(result.metrics)
     # FLOP/s over both workers against the matmul peak each measured: a tiny model is far below it
@@ -95,7 +107,7 @@ def test_two_workers_train_with_sharded_experts_and_log_to_mlflow(two_worker_run
 def test_a_two_worker_checkpoint_resumes_on_one_worker_that_holds_every_expert(two_worker_run, shards):
     """Growing the group re-shards the same way (test_checkpoint: saved on 4 ranks, loaded on 1
     and 2); the lost-node test shrinks an elastic group without `--resume`."""
-    first, tmp = two_worker_run
+    first, tmp, _ = two_worker_run
     workers = 1
     last_loss = history(first, "train/reverse/loss")[-1][1]
     config = job_config(shards, tmp / f"resume{workers}", steps=STEPS + 4, cluster={"workers": workers})
@@ -168,7 +180,7 @@ def test_a_worker_killed_with_no_restarts_left_names_the_latest_checkpoint(
 
 def kill_test_config(shards: Path, tmp: Path, steps: int, max_failures: int, workers: int = 2):
     cluster = {"max_failures": max_failures, "workers": workers}
-    return job_config(shards, tmp, steps=steps, train=CHECKPOINTED, cluster=cluster)
+    return job_config(shards, tmp, steps=steps, train=CHECKPOINTED, cluster=cluster, data=STREAMED)
 
 
 def kill_a_worker_after_step(config, step: int, killed: list[tuple[int, float]]) -> None:
@@ -223,16 +235,9 @@ def test_streamed_shards_give_every_row_once_per_epoch_to_the_two_ranks_together
         assert sorted(ids) == sorted(f"train-{i}" for i in range(64)), f"epoch {epoch}"
 
 
-def test_a_training_job_that_streams_its_shards_completes_with_bounded_memory(ray_local, shards, tmp_path):
-    config = job_config(shards, tmp_path, steps=80, train=CHECKPOINTED, data={"read": "stream"})
-    samples: list[tuple[float, dict[int, int]]] = []
-    done = threading.Event()
-    sampler = threading.Thread(target=sample_memory, args=(samples, done), daemon=True)
-    sampler.start()
-    result = train(config)
-    done.set()
-    sampler.join(timeout=5)
-    assert result.metrics["step"] == 80  # about 10 epochs of each task per rank
+def test_a_training_job_that_streams_its_shards_completes_with_bounded_memory(two_worker_run):
+    result, _, samples = two_worker_run
+    assert result.metrics["step"] == STEPS  # about 5 epochs of each task per rank
     training = [rss for _, rss in samples if len(rss) == 3]  # the driver and both workers up
     assert len(training) >= 4
     early, late = training[: len(training) // 2], training[len(training) // 2 :]
@@ -414,7 +419,7 @@ def test_report_of_a_run_has_metrics_beside_chance_and_input_blind_curves_routin
     from mm.reader import read_rows
     from mmcli.report import chance_levels, write_report
 
-    result, tmp = two_worker_run
+    result, tmp, _ = two_worker_run
     config = job_config(shards, tmp)
     predictor = Predictor(result.checkpoint)
     dev = scores_by_task(result.metrics)
