@@ -110,8 +110,43 @@ def test_sweep_logs_a_parent_run_with_one_child_per_trial(swept):
     for trial in children:
         if trial not in completed:
             assert mlflow.get_run(trial.run_id).info.status == "KILLED"
+        # a trial ASHA stopped has its rung's evaluation too, from the report Tune kept
+        bleu = mlflow.get_metric_history(trial.run_id, "eval/reverse/bleu")
+        assert trial.metrics["step"] in {m.step for m in bleu}
     artifacts = {a.path for a in mlflow.list_artifacts(result.parent_run_id)}
     assert {"trials.json", "objective_per_trial.png", "metric_vs_mixing_ratio.png"} <= artifacts
+
+
+def test_a_trial_stopped_at_a_rung_gets_its_last_report_logged_and_is_killed(tmp_path):
+    """Rank 0 logs a step after reporting it, and Tune may end the trial at that report: the
+    sweep logs what the report held, once, and only for the trial that stopped early."""
+    from tune.sweep import SweepResult, Trial, _log_summary
+
+    config = parse_config(config_dict(tmp_path / "shards", tmp_path, steps=6))
+    mlflow = client(config.mlflow.tracking_uri)
+    experiment = mlflow.create_experiment("rungs")
+    parent, stopped, finished, failed = (mlflow.create_run(experiment).info.run_id for _ in range(4))
+    mlflow.log_metric(stopped, "train/reverse/loss", 2.5, step=3)  # already there: not logged again
+    mlflow.set_terminated(finished, status="FAILED")  # its job saw the trainer go as Tune ended it
+    mlflow.set_terminated(failed, status="FAILED")
+    trials = [
+        Trial("stopped", {}, 0.4, {"step": 3, "eval/reverse/bleu": 7.0, "train/reverse/loss": 2.5,
+                                   "training_iteration": 1}, None, stopped),
+        Trial("finished", {}, 0.5, {"step": 6, "eval/reverse/bleu": 9.0}, None, finished),
+        Trial("failed", {}, None, {"step": 3}, None, failed, error="RuntimeError: out of memory"),
+    ]  # fmt: skip
+    _log_summary(SweepResult(parent, config.mlflow.tracking_uri, trials, trials[1]), config)
+
+    def logged(run_id: str, key: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in mlflow.get_metric_history(run_id, key)]
+
+    assert logged(stopped, "eval/reverse/bleu") == [(3, 7.0)]
+    assert logged(stopped, "train/reverse/loss") == [(3, 2.5)]
+    assert "training_iteration" not in mlflow.get_run(stopped).data.metrics  # Tune's, not the run's
+    assert mlflow.get_run(stopped).info.status == "KILLED"
+    assert logged(finished, "eval/reverse/bleu") == []  # its rank 0 logged everything itself
+    assert mlflow.get_run(finished).info.status == "FINISHED"
+    assert mlflow.get_run(failed).info.status == "FAILED" and logged(failed, "eval/reverse/bleu") == []
 
 
 def test_a_crashing_trial_is_reported_and_the_sweep_goes_on(swept):

@@ -282,9 +282,28 @@ def _log_summary(outcome: SweepResult, config: Config) -> None:
         mlflow.set_tag(outcome.parent_run_id, "best_trial", outcome.best.name)
     failed = [t.name for t in outcome.trials if t.error]
     mlflow.set_tag(outcome.parent_run_id, "failed_trials", ", ".join(failed) or "none")
-    # Tune ends a trial at its last report, before its job can mark the run finished: one that
-    # trained all its steps is FINISHED, one that ASHA stopped early is KILLED
+    # Tune ends a trial at a report, before its job marks the run (or while the job marks it
+    # FAILED, its trainer gone): one that trained all its steps is FINISHED, one that ASHA
+    # stopped early is KILLED. A trial that failed on its own stays FAILED.
     for trial in outcome.trials:
-        if trial.run_id and mlflow.get_run(trial.run_id).info.status == "RUNNING":
+        if trial.run_id and not trial.error:
             trained_all = trial.metrics.get("step") == config.train.steps
+            if not trained_all:
+                _log_last_report(mlflow, trial)
             mlflow.set_terminated(trial.run_id, status="FINISHED" if trained_all else "KILLED")
+
+
+def _log_last_report(mlflow, trial: Trial) -> None:
+    """A trial stopped at a rung loses what rank 0 logs after its report (MLflow stays behind the
+    checkpoint): the rung's evaluation and losses come from the report Tune kept instead."""
+    from mlflow.entities import Metric
+
+    step, now = int(trial.metrics["step"]), int(time.time() * 1000)
+    missing = [
+        Metric(key, value, now, step)
+        for key, value in trial.metrics.items()
+        if "/" in key  # rank 0's metrics (eval/, train/, perf/), not Tune's own
+        and step not in {m.step for m in mlflow.get_metric_history(trial.run_id, key)}
+    ]
+    if missing:
+        mlflow.log_batch(trial.run_id, metrics=missing)
