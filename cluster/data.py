@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from mm.config import Config
-from mm.reader import TaskStream, chunk_rows
+from mm.reader import TaskStream, chunk_rows, drops_partial_batches
 from mm.shards import part_files
 from mm.tasks import TaskSpec
 from mm.train import derived_seed
@@ -68,8 +68,7 @@ def ray_stream(
         return shard.iter_batches(
             batch_size=fetch,
             batch_format="numpy",
-            # a sorted window keeps the full batches of its last, partial chunk
-            drop_last=not by_tokens and window == 1,
+            drop_last=drops_partial_batches(by_tokens, window),
             local_shuffle_buffer_size=max(4 * fetch, 256),
             local_shuffle_seed=derived_seed(seed, epoch),
             prefetch_batches=0,  # a background thread would compete with the step for the GIL

@@ -54,6 +54,28 @@ def check_shards(config: Config, vocab: Vocabulary, manifests: Mapping[str, Mani
         require_vocabulary(
             manifest, vocab.sha256, f"{config.data.shards}/vocab.model", "run `mm prepare` again"
         )
+        check_rows_per_worker(config, task.name, manifest.rows("train"))
+
+
+def drops_partial_batches(by_tokens: bool, window: int) -> bool:
+    """Whether a training stream drops an epoch's last, partial batch: only batches of a fixed
+    number of rows read in stream order do (a sorted window keeps them whole, token batches vary)."""
+    return not by_tokens and window == 1
+
+
+def check_rows_per_worker(config: Config, task: str, rows: int) -> None:
+    """Each worker reads an equal share of a task's rows; a share smaller than what one batch
+    needs gives that worker nothing to train on, on every try."""
+    workers = config.cluster.workers
+    batch_size = config.task(task).batch_size
+    full = drops_partial_batches(config.train.batch_by == "tokens", config.train.sort_window)
+    needed = batch_size if full else 1
+    if rows // workers < needed:
+        raise ShardError(
+            f"task {task!r}: its {rows} training rows give each of {workers} workers {rows // workers}, "
+            f"fewer than the {needed} of one batch (tasks.{task}.batch_size={batch_size}, whose last, "
+            f"partial batch is dropped); lower the batch size or cluster.workers"
+        )
 
 
 def require_vocabulary(manifest: Manifest, sha256: str, whose: str, remedy: str) -> None:

@@ -117,3 +117,27 @@ def test_resumed_streams_take_up_their_ranks_positions_or_a_new_epoch_when_the_g
     fresh = {"patches": stream(shards, "patches", 8, by_tokens=False)}
     assert position_streams(fresh, {}, rank=0, world=2) == "streams start over"
     assert fresh["patches"].state_dict() == {"epoch": -1, "chunks": 0, "used": 0}
+
+
+def test_a_worker_share_smaller_than_one_batch_is_refused_before_training(tmp_path):
+    """40 rows over 2 workers: 20 each. Batches of 32 read in stream order drop an epoch's last,
+    partial batch, so each worker would get none, and Ray Train would retry that in vain."""
+    from mm.config import parse_config
+    from mm.reader import check_rows_per_worker
+    from mm.shards import ShardError
+
+    from shardmaker import config_dict
+
+    raw = config_dict(tmp_path / "shards", tmp_path)
+    raw["tasks"][0]["batch_size"] = 32
+    refused = r"its 40 training rows give each of 2 workers 20, fewer than the 32 of one batch \(tasks"
+    with pytest.raises(ShardError, match=refused):
+        check_rows_per_worker(parse_config(raw), "reverse", 40)
+    check_rows_per_worker(parse_config(raw), "reverse", 64)  # 32 each: one full batch
+    raw["train"]["sort_window"] = 2  # a sorted window keeps a partial batch
+    check_rows_per_worker(parse_config(raw), "reverse", 40)
+    raw["cluster"]["workers"] = 1
+    raw["train"]["sort_window"] = 1
+    check_rows_per_worker(parse_config(raw), "reverse", 40)  # one worker: all 40
+    raw["train"]["batch_by"] = "tokens"
+    check_rows_per_worker(parse_config(raw), "reverse", 1)

@@ -328,6 +328,10 @@ def test_bad_inputs_are_caught_before_any_worker_starts(ray_local, shards, tmp_p
     missing["tasks"].append({"name": "absent", "kind": "translation"})
     with pytest.raises(ShardError, match="task 'absent' has no shards"):
         train(parse_config(missing))
+    big_batches = config_dict(shards, tmp_path)
+    big_batches["tasks"][0]["batch_size"] = 48  # 64 rows, 32 per worker: no full batch
+    with pytest.raises(ShardError, match="task 'reverse': its 64 training rows give each of 2 workers 32"):
+        train(parse_config(big_batches))
 
     other = tmp_path / "other"
     write_shards(other, seed=1)  # other sentences: another vocabulary
