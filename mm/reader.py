@@ -71,10 +71,10 @@ def check_rows_per_worker(config: Config, task: str, rows: int) -> None:
     full = drops_partial_batches(config.train.batch_by == "tokens", config.train.sort_window)
     needed = batch_size if full else 1
     if rows // workers < needed:
+        why = f" (tasks.{task}.batch_size={batch_size}, whose last, partial batch is dropped)" if full else ""
         raise ShardError(
             f"task {task!r}: its {rows} training rows give each of {workers} workers {rows // workers}, "
-            f"fewer than the {needed} of one batch (tasks.{task}.batch_size={batch_size}, whose last, "
-            f"partial batch is dropped); lower the batch size or cluster.workers"
+            f"fewer than the {needed} of one batch{why}; lower the batch size or cluster.workers"
         )
 
 

@@ -141,3 +141,6 @@ def test_a_worker_share_smaller_than_one_batch_is_refused_before_training(tmp_pa
     check_rows_per_worker(parse_config(raw), "reverse", 40)  # one worker: all 40
     raw["train"]["batch_by"] = "tokens"
     check_rows_per_worker(parse_config(raw), "reverse", 1)
+    raw["cluster"]["workers"] = 2  # a worker without a single row
+    with pytest.raises(ShardError, match=r"give each of 2 workers 0, fewer than the 1 of one batch; lower"):
+        check_rows_per_worker(parse_config(raw), "reverse", 1)
