@@ -70,10 +70,11 @@ def check_rows_per_worker(config: Config, task: str, rows: int) -> None:
     batch_size = config.task(task).batch_size
     full = drops_partial_batches(config.train.batch_by == "tokens", config.train.sort_window)
     needed = batch_size if full else 1
-    if rows // workers < needed:
+    share = rows // workers  # an equal split: the remainder is left out
+    if share < needed:
         why = f" (tasks.{task}.batch_size={batch_size}, whose last, partial batch is dropped)" if full else ""
         raise ShardError(
-            f"task {task!r}: its {rows} training rows give each of {workers} workers {rows // workers}, "
+            f"task {task!r}: its {rows} training rows give each of {workers} workers {share}, "
             f"fewer than the {needed} of one batch{why}; lower the batch size or cluster.workers"
         )
 

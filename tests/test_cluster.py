@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -39,14 +38,6 @@ def run(*command: str, timeout: float = 600, **kwargs) -> subprocess.CompletedPr
         f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     )
     return result
-
-
-@pytest.fixture
-def ray_temp_dir():
-    """Ray's session folder: a short path, since its sockets must fit AF_UNIX's 107 bytes."""
-    path = tempfile.mkdtemp(prefix="mmray-", dir="/tmp")
-    yield Path(path)
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def test_cluster_configs_pass_ray_validation_and_bind_servers_to_localhost():
