@@ -131,9 +131,14 @@ def _collect_finished(finished, top_scores, origin, token, sequences, eos, beam,
 
 def _search_is_over(finished, alive_scores: Tensor, beam: int, max_len: int, alpha: float) -> bool:
     """Done when no alive hypothesis can still beat the worst of `beam` finished ones per row:
-    log-probabilities only fall, and the normalisation is largest at max_len."""
+    log-probabilities only fall, and the normalisation is largest at max_len. A row with no
+    live hypothesis left is done too, however few it finished: a constraint that allows only
+    EOS (a parse of an input with no words, as input-blind evaluation gives) ends its row at
+    the first step, and kept every row of its batch decoding to max_len."""
     best_alive = alive_scores.max(dim=1).values / length_penalty(max_len, alpha)
     for row, bound in zip(finished, best_alive.tolist()):
+        if bound == float("-inf"):
+            continue
         if len(row) < beam or sorted(s for s, _ in row)[-beam] < bound:
             return False
     return True

@@ -67,6 +67,40 @@ def test_constrained_decoding_always_gives_a_well_formed_tree_with_one_leaf_per_
             assert leaf_count(tree) == n, (tree, n)
 
 
+def last_token_step(vocab_size: int, seed: int):
+    """Seeded log-probabilities that depend on the last token alone, so that a row decodes
+    alike whatever else is in its batch."""
+    table = torch.randn(vocab_size, vocab_size, generator=torch.Generator().manual_seed(seed)) * 3
+    table = table.log_softmax(-1)
+
+    def step(tokens, state):
+        calls.append(len(tokens))
+        return table[tokens]
+
+    calls: list[int] = []
+    step.calls = calls
+    return step
+
+
+def test_beam_search_ends_a_row_whose_hypotheses_are_all_dead(vocab):
+    """An input without words can only give EOS: its row ends at the first step, and does not
+    keep the rest of its batch decoding to max_len (input-blind parsing did, 96 steps a batch)."""
+    beam, max_len = 4, 60
+
+    def search(sentences: list[str]):
+        inputs = pad_sequences([vocab.encode(s) if s else [EOS] for s in sentences])
+        step = last_token_step(vocab.size, 0)
+        constraint = TreeConstraint(vocab.pieces, EOS).start(inputs, beam)
+        first = torch.full((len(sentences) * beam,), 3)
+        out = beam_search(step, DecodeState(), first, max_len, EOS, beam, constraint=constraint)
+        return out, len(step.calls)
+
+    assert search([""]) == ([[]], 1)
+    alone, steps_alone = search(["it saw a dog"])
+    assert well_formed(vocab.decode(alone[0])) and steps_alone < max_len
+    assert search(["it saw a dog", ""]) == ([alone[0], []], steps_alone)
+
+
 def test_constrained_trees_fit_a_tight_length_budget(vocab):
     inputs = pad_sequences([vocab.encode("one two three four five six")])
     constraint = TreeConstraint(vocab.pieces, EOS).start(inputs)
