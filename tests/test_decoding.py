@@ -72,12 +72,12 @@ def last_token_step(vocab_size: int, seed: int):
     alike whatever else is in its batch."""
     table = torch.randn(vocab_size, vocab_size, generator=torch.Generator().manual_seed(seed)) * 3
     table = table.log_softmax(-1)
+    calls: list[int] = []  # the hypotheses of each step it was asked for
 
     def step(tokens, state):
         calls.append(len(tokens))
         return table[tokens]
 
-    calls: list[int] = []
     step.calls = calls
     return step
 
