@@ -276,14 +276,21 @@ def cv_squared(x: Tensor) -> Tensor:
 def flat_assignments(routing: Routing) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One row per (token, choice), token-major: token ids, expert ids, gates, validity."""
     n, k = routing.experts.shape
-    token = torch.arange(n, device=routing.experts.device).repeat_interleave(k)
-    return token, routing.experts.reshape(-1), routing.gates.reshape(-1), routing.valid.repeat_interleave(k)
+    # expanded views copied once, not repeat_interleave: a decoded token's layer is a few
+    # dozen kernels on a handful of rows, where each kernel's fixed cost is what counts
+    token = torch.arange(n, device=routing.experts.device).unsqueeze(1).expand(n, k).reshape(-1)
+    valid = routing.valid.unsqueeze(1).expand(n, k).reshape(-1)
+    return token, routing.experts.reshape(-1), routing.gates.reshape(-1), valid
 
 
-def arrival_order(expert: Tensor, valid: Tensor, num_experts: int) -> Tensor:
-    """For each assignment, how many valid assignments to the same expert come before it."""
-    onehot = F.one_hot(expert, num_experts) * valid.unsqueeze(1)
-    return (onehot.cumsum(0) - 1).gather(1, expert.unsqueeze(1)).squeeze(1)
+def arrival_order(expert: Tensor, valid: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
+    """For each assignment, how many valid assignments to the same expert come before it; and
+    each expert's valid assignments in all (its load)."""
+    # scatter, not F.one_hot: one_hot checks the ids' range, two host round trips a call
+    onehot = expert.new_zeros(len(expert), num_experts).scatter_(
+        1, expert.unsqueeze(1), valid.unsqueeze(1).long()
+    )
+    return onehot.cumsum(0).gather(1, expert.unsqueeze(1)).squeeze(1) - 1, onehot.sum(0)
 
 
 def run_experts(experts: Experts, rows: Tensor, local_expert: Tensor, slot: Tensor) -> Tensor:
@@ -348,12 +355,12 @@ class LocalDispatcher:
     ) -> tuple[Tensor, MoEStats]:
         token, expert, gate, valid = flat_assignments(routing)
         cap = capacity(int(routing.valid.sum()))
-        slot = arrival_order(expert, valid, experts.num)
-        keep = valid & (slot < cap)
-        out = run_experts(experts, x.index_select(0, token[keep]), expert[keep], slot[keep])
-        y = torch.zeros_like(x).index_add(0, token[keep], (out * gate[keep].unsqueeze(1)).to(x.dtype))
-        load = torch.bincount(expert[valid], minlength=experts.num)
-        return y, MoEStats(load, dropped_count(load, cap), int(valid.sum()))
+        slot, load = arrival_order(expert, valid, experts.num)
+        kept = (valid & (slot < cap)).nonzero().squeeze(1)  # one nonzero for the four selections
+        token, expert, slot, gate = (t.index_select(0, kept) for t in (token, expert, slot, gate))
+        out = run_experts(experts, x.index_select(0, token), expert, slot)
+        y = torch.zeros_like(x).index_add(0, token, (out * gate.unsqueeze(1)).to(x.dtype))
+        return y, MoEStats(load, dropped_count(load, cap), int(load.sum()))
 
     def sum_over_group(self, t: Tensor) -> Tensor:
         return t
@@ -377,13 +384,14 @@ class ExpertParallelDispatcher:
         token, expert, gate, valid = flat_assignments(routing)
         num_local, num_experts = experts.num, experts.num * self.world
 
-        counts = self._gather_counts(expert, valid, routing.valid, num_experts)  # [W, E + 1]
+        arrival, my_load = arrival_order(expert, valid, num_experts)
+        counts = self._gather_counts(my_load, routing.valid)  # [W, E + 1]
         load, tokens_per_rank = counts[:, :num_experts], counts[:, num_experts]
         cap = capacity(int(tokens_per_rank.sum()))
         earlier = load.cumsum(0) - load  # assignments of lower ranks, per expert
         kept = (cap - earlier).clamp(min=0).minimum(load)  # [W, E] how many each rank sends
 
-        slot = earlier[self.rank][expert] + arrival_order(expert, valid, num_experts)
+        slot = earlier[self.rank][expert] + arrival
         keep = valid & (slot < cap)
         chosen = keep.nonzero().squeeze(1)
         order = chosen[torch.argsort(expert[chosen], stable=True)]  # by expert, hence by rank
@@ -399,8 +407,8 @@ class ExpertParallelDispatcher:
         total_load = load.sum(0)
         return y, MoEStats(total_load, dropped_count(total_load, cap), int(total_load.sum()))
 
-    def _gather_counts(self, expert: Tensor, valid: Tensor, real: Tensor, num_experts: int) -> Tensor:
-        mine = torch.cat([torch.bincount(expert[valid], minlength=num_experts), real.sum().view(1)])
+    def _gather_counts(self, load: Tensor, real: Tensor) -> Tensor:
+        mine = torch.cat([load, real.sum().view(1)])
         every = [torch.empty_like(mine) for _ in range(self.world)]
         dist.all_gather(every, mine, group=self.group)
         return torch.stack(every)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mm.moe import MoE, cv_squared
+from mm.moe import MoE, Routing, arrival_order, cv_squared, flat_assignments
 
 
 def reference_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
@@ -66,6 +66,24 @@ def test_padding_is_never_routed_and_does_not_take_capacity():
     assert out.stats.load.tolist() == [2, 1, 1, 2]
     assert out.stats.dropped == 0  # 6 real tokens: capacity 2 each, all fit
     assert out.y[~mask].abs().sum() == 0
+
+
+def test_each_assignment_gets_its_arrival_slot_and_each_expert_its_load_padding_left_out():
+    # 4 tokens, k=2, the third is padding: (token, choice) rows are token-major
+    routing = Routing(
+        gates=torch.full((4, 2), 0.5),
+        experts=torch.tensor([[0, 1], [1, 0], [0, 1], [1, 2]]),
+        valid=torch.tensor([True, True, False, True]),
+        importance=None,
+        load=None,
+    )
+    token, expert, gate, valid = flat_assignments(routing)
+    assert token.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert valid.tolist() == [True, True, True, True, False, False, True, True]
+    slot, load = arrival_order(expert, valid, num_experts=3)
+    real = valid.nonzero().squeeze(1)
+    assert slot[real].tolist() == [0, 0, 1, 1, 2, 0]  # experts 0, 1, 1, 0, 1, 2
+    assert load.tolist() == [2, 3, 1]  # the padding token's two choices count nowhere
 
 
 def test_balancing_loss_is_zero_when_balanced_and_grows_when_skewed():
