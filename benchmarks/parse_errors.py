@@ -20,9 +20,11 @@ import torch
 
 from benchmarks.common import emit
 from cluster.job import latest_checkpoint
+from mm.checkpoint import CheckpointError
 from mm.metrics import bracket_scores, labeled_spans, leaf_count
-from mm.predict import Predictor
+from mm.predict import PredictError, Predictor
 from mm.reader import evaluation_batches, read_rows
+from mm.shards import ShardError
 
 LENGTHS = ((1, 10), (11, 20), (21, 40))  # words, inclusive
 
@@ -39,8 +41,14 @@ def main() -> None:
     checkpoint = args.checkpoint or newest_checkpoint(Path("runs"))
     if checkpoint is None:
         parser.error("no checkpoint under runs/ (run `make demo`, or name one)")
-    predictor = Predictor(checkpoint)
-    hypotheses, references = decode_split(predictor, args.task, args.split, args.examples)
+    try:
+        predictor = Predictor(checkpoint)
+        predictor.require_task(args.task)
+        if (kind := predictor.config.task(args.task).kind) != "constituency_parsing":
+            parser.error(f"task {args.task!r} is {kind}, not constituency_parsing")
+        hypotheses, references = decode_split(predictor, args.task, args.split, args.examples)
+    except (CheckpointError, PredictError, ShardError) as error:
+        parser.error(str(error))
     unlabeled = span_scores(hypotheses, references, label=False)
     labeled = span_scores(hypotheses, references, label=True)
     missed, invented = label_errors(hypotheses, references)
