@@ -21,7 +21,7 @@ import torch
 from benchmarks.common import emit
 from cluster.job import latest_checkpoint
 from mm.checkpoint import CheckpointError
-from mm.metrics import bracket_scores, labeled_spans, leaf_count
+from mm.metrics import bracket_counts, bracket_scores, labeled_spans, leaf_count
 from mm.predict import PredictError, Predictor
 from mm.reader import evaluation_batches, read_rows
 from mm.shards import ShardError
@@ -49,8 +49,8 @@ def main() -> None:
         hypotheses, references = decode_split(predictor, args.task, args.split, args.examples)
     except (CheckpointError, PredictError, ShardError) as error:
         parser.error(str(error))
-    unlabeled = span_scores(hypotheses, references, label=False)
-    labeled = span_scores(hypotheses, references, label=True)
+    unlabeled = unlabeled_scores(hypotheses, references)
+    labeled_matches = sum(bracket_counts(hyp, ref)[0] for hyp, ref in zip(hypotheses, references))
     missed, invented = label_errors(hypotheses, references)
     emit(
         {
@@ -60,7 +60,7 @@ def main() -> None:
             "trees": len(references),
             "bracket_f1": bracket_scores(hypotheses, references)["bracket_f1"],
             "unlabeled_f1": unlabeled["f1"],
-            "right_label_of_matched_spans": labeled["matched"] / max(unlabeled["matched"], 1),
+            "right_label_of_matched_spans": labeled_matches / max(unlabeled["matched"], 1),
             "missed": dict(missed.most_common(6)),
             "invented": dict(invented.most_common(6)),
             "f1_by_words": f1_by_length(hypotheses, references),
@@ -86,15 +86,15 @@ def decode_split(predictor: Predictor, task: str, split: str, examples: int) -> 
     return hypotheses, references
 
 
-def spans(tree: str, label: bool) -> Counter:
-    found = labeled_spans(tree)
-    return found if label else Counter((start, end) for (_, start, end) in found.elements())
+def unlabeled_spans(tree: str) -> Counter:
+    return Counter((start, end) for (_, start, end) in labeled_spans(tree).elements())
 
 
-def span_scores(hypotheses: list[str], references: list[str], label: bool) -> dict[str, float]:
+def unlabeled_scores(hypotheses: list[str], references: list[str]) -> dict[str, float]:
+    """Bracket F1 with every label the same: a span counts when it covers the right leaves."""
     matched = predicted = gold = 0
     for hyp, ref in zip(hypotheses, references):
-        hyp_spans, ref_spans = spans(hyp, label), spans(ref, label)
+        hyp_spans, ref_spans = unlabeled_spans(hyp), unlabeled_spans(ref)
         matched += sum((hyp_spans & ref_spans).values())
         predicted, gold = predicted + sum(hyp_spans.values()), gold + sum(ref_spans.values())
     f1 = 2 * matched / (predicted + gold) if predicted + gold else 0.0
