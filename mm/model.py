@@ -16,6 +16,7 @@ token at a time from cached state.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 
 from mm.batch import EOS, Batch
 from mm.config import ModelConfig
-from mm.decoding import AllDone, Constraint, beam_search, greedy_search
+from mm.decoding import AllDone, Constraint, beam_search, greedy_search, small_steps_on_one_thread
 from mm.layers import AttentionBlock, ConvBlock, DecodeState
 from mm.modalities import AudioInput, ClassOutput, ImageInput, TextInput
 from mm.moe import MoE, MoEStats
@@ -277,9 +278,15 @@ class MultiModel(nn.Module):
         options: dict = {} if all_done is None else {"all_done": all_done}
         if constraint is not None:
             options["constraint"] = constraint.start(batch.inputs, beam)
-        if beam > 1:
-            return beam_search(step, DecodeState(), first, max_len, EOS, beam, **options)
-        return greedy_search(step, DecodeState(), first, max_len, EOS, **options)
+        # an incremental step computes one position of each hypothesis; the full recompute's
+        # steps grow with the prefix, and keep the process's threads
+        threads = (
+            small_steps_on_one_thread(len(first) * self.config.d_model) if incremental else nullcontext()
+        )
+        with threads:
+            if beam > 1:
+                return beam_search(step, DecodeState(), first, max_len, EOS, beam, **options)
+            return greedy_search(step, DecodeState(), first, max_len, EOS, **options)
 
     def _next_token(self, tokens: Tensor, state: DecodeState, source: Tensor, source_mask: Tensor) -> Tensor:
         # no target mask: every position of a hypothesis is real (None skips the masking kernels)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from mm.batch import Batch, pad_sequences
 from mm.config import SpecAugmentConfig
+from mm.decoding import small_steps_on_one_thread
 from mm.layers import (
     AttentionBlock,
     ConvBlock,
@@ -258,6 +259,39 @@ def test_incremental_generation_returns_the_same_tokens_as_full_recompute(tasks,
     recomputed = model.generate(batch, max_len=12, beam=beam, incremental=False)
     assert incremental == recomputed
     assert all(len(row) > 0 for row in incremental)
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_a_small_batch_decodes_on_one_thread_and_a_large_one_or_the_recompute_on_all(
+    tasks, data, beam, monkeypatch
+):
+    model = tiny_model(seed=3).eval()  # d_model 64: 1024 numbers a position are 16 rows
+    seen: list[int] = []
+    for name in ("_next_token", "_next_token_recomputed"):
+        step = getattr(model, name)
+        monkeypatch.setattr(
+            model, name, lambda *a, _step=step: seen.append(torch.get_num_threads()) or _step(*a)
+        )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        small, large = data.batch(tasks["translation"], 2), data.batch(tasks["translation"], 20)
+        small_out = model.generate(small, max_len=6, beam=beam)
+        assert set(seen) == {1} and torch.get_num_threads() == 2  # and restored after
+        seen.clear()
+        model.generate(small, max_len=6, beam=beam, incremental=False)
+        assert set(seen) == {2}
+        seen.clear()
+        model.generate(large, max_len=6, beam=beam)
+        assert set(seen) == {2}
+        # the thread count changes the speed, not the tokens
+        assert small_out == model.generate(small, max_len=6, beam=beam, incremental=False)
+        with pytest.raises(ZeroDivisionError), small_steps_on_one_thread(1):  # a failure restores it too
+            assert torch.get_num_threads() == 1
+            raise ZeroDivisionError
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_beam_hypotheses_attend_to_their_rows_one_source_as_to_a_copy_of_it():
