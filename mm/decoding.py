@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import threading
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
@@ -45,9 +46,14 @@ def small_steps_on_one_thread(numbers: int) -> Iterator[None]:
     some 300 kernels on [rows, d_model] tensors, and layer norm, attention and the small
     matmuls still split such work between threads, whose start and join then cost more than
     the work (with two threads, a [8, 1, 64] layer norm takes 4 µs instead of 3, a one-query
-    attention 19 µs instead of 15 here). Larger batches keep the process's threads."""
+    attention 19 µs instead of 15 here). Larger batches keep the process's threads.
+
+    Only in the main thread: torch's thread count is partly the process's and partly each
+    thread's, so overlapping decodings in a server's threads could each restore the other's
+    1. Decodings in other threads keep the count they have."""
     threads = torch.get_num_threads()
-    if threads == 1 or numbers > ONE_THREAD_UP_TO:
+    small = numbers <= ONE_THREAD_UP_TO and threads > 1
+    if not small or threading.current_thread() is not threading.main_thread():
         yield
         return
     torch.set_num_threads(1)

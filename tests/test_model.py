@@ -1,6 +1,7 @@
 """The MultiModel's parts and the whole: shapes, padding, causality, decoding, learning."""
 
 import math
+import threading
 
 import pytest
 import torch
@@ -290,6 +291,24 @@ def test_a_small_batch_decodes_on_one_thread_and_a_large_one_or_the_recompute_on
             assert torch.get_num_threads() == 1
             raise ZeroDivisionError
         assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_small_decoding_in_another_thread_keeps_the_threads_it_has(tasks, data, monkeypatch):
+    # torch's thread count is partly the process's: only the main thread changes it, so a
+    # server's overlapping decodings cannot leave each other one thread
+    model = tiny_model(seed=3).eval()
+    seen: list[int] = []
+    step = model._next_token
+    monkeypatch.setattr(model, "_next_token", lambda *a: seen.append(torch.get_num_threads()) or step(*a))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        worker = threading.Thread(target=model.generate, args=(data.batch(tasks["translation"], 2), 4))
+        worker.start()
+        worker.join(60)
+        assert seen and set(seen) == {2} and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
 
