@@ -45,8 +45,9 @@ def small_steps_on_one_thread(numbers: int) -> Iterator[None]:
     """Run the decoding steps of a small batch on one thread: a step of a few hypotheses is
     some 300 kernels on [rows, d_model] tensors, and layer norm, attention and the small
     matmuls still split such work between threads, whose start and join then cost more than
-    the work (with two threads, a [8, 1, 64] layer norm takes 4 µs instead of 3, a one-query
-    attention 19 µs instead of 15 here). Larger batches keep the process's threads.
+    the work (with two threads here, a [8, 1, 64] layer norm takes 4-5 µs instead of 3, a
+    one-query attention to the source 17-26 µs instead of 12). Larger batches keep the
+    process's threads.
 
     Only in the main thread: torch's thread count is partly the process's and partly each
     thread's, so overlapping decodings in a server's threads could each restore the other's
