@@ -112,10 +112,10 @@ class SeparableConv(nn.Module):
         than its FLOPs: one matmul instead of a multiply, a sum and a matmul. The matrix is
         stored input-major: with two threads, BLAS multiplies [8, 192] by a transposed
         [64, 192] weight (what `F.linear` passes) in about twice the time it takes for the
-        same weight laid out [192, 64] (README "Results"). Made once per
-        decoding (kept in its cache, as a tuple so that beam reordering leaves it alone), never
-        kept on the module: fused Adam updates the weights without bumping their version
-        counter, so a matrix kept across optimiser steps would silently decode with old weights.
+        same weight laid out [192, 64] (README "Results"). Made once per decoding (kept in its
+        cache, as a tuple so that beam reordering leaves it alone), never kept on the module:
+        fused Adam updates the weights without bumping their version counter, so a matrix kept
+        across optimiser steps would silently decode with old weights.
         """
         fused = cache.get("fused")
         if fused is None:
