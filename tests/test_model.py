@@ -262,61 +262,64 @@ def test_incremental_generation_returns_the_same_tokens_as_full_recompute(tasks,
     assert all(len(row) > 0 for row in incremental)
 
 
-@pytest.mark.parametrize("beam", [1, 3])
-def test_a_small_batch_decodes_on_one_thread_and_a_large_one_or_the_recompute_on_all(
-    tasks, data, beam, monkeypatch
-):
-    model = tiny_model(seed=3).eval()  # d_model 64: 1024 numbers a position are 16 rows
+@pytest.fixture
+def two_threads():
+    """The process at two torch threads for the test, at its own count after it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def record_step_threads(model, monkeypatch, *steps: str) -> list[int]:
+    """The torch thread count each call of the model's step methods `steps` ran at."""
     seen: list[int] = []
-    for name in ("_next_token", "_next_token_recomputed"):
+    for name in steps:
         step = getattr(model, name)
         monkeypatch.setattr(
             model, name, lambda *a, _step=step: seen.append(torch.get_num_threads()) or _step(*a)
         )
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        small, large = data.batch(tasks["translation"], 2), data.batch(tasks["translation"], 20)
-        small_out = model.generate(small, max_len=6, beam=beam)
-        assert set(seen) == {1} and torch.get_num_threads() == 2  # and restored after
-        seen.clear()
-        model.generate(small, max_len=6, beam=beam, incremental=False)
-        assert set(seen) == {2}
-        seen.clear()
-        model.generate(large, max_len=6, beam=beam)
-        assert set(seen) == {2}
-        # the thread count changes the speed, not the tokens
-        assert small_out == model.generate(small, max_len=6, beam=beam, incremental=False)
-        with pytest.raises(ZeroDivisionError), small_steps_on_one_thread(1):  # a failure restores it too
-            assert torch.get_num_threads() == 1
-            raise ZeroDivisionError
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(threads)
+    return seen
 
 
-def test_a_small_decoding_in_another_thread_keeps_the_threads_it_has(tasks, data, monkeypatch):
+@pytest.mark.parametrize("beam", [1, 3])
+def test_a_small_batch_decodes_on_one_thread_and_a_large_one_or_the_recompute_on_all(
+    tasks, data, beam, monkeypatch, two_threads
+):
+    model = tiny_model(seed=3).eval()  # d_model 64: 1024 numbers a position are 16 rows
+    seen = record_step_threads(model, monkeypatch, "_next_token", "_next_token_recomputed")
+    small, large = data.batch(tasks["translation"], 2), data.batch(tasks["translation"], 20)
+    small_out = model.generate(small, max_len=6, beam=beam)
+    assert set(seen) == {1} and torch.get_num_threads() == 2  # and restored after
+    seen.clear()
+    model.generate(small, max_len=6, beam=beam, incremental=False)
+    assert set(seen) == {2}
+    seen.clear()
+    model.generate(large, max_len=6, beam=beam)
+    assert set(seen) == {2}
+    # the thread count changes the speed, not the tokens
+    assert small_out == model.generate(small, max_len=6, beam=beam, incremental=False)
+    with pytest.raises(ZeroDivisionError), small_steps_on_one_thread(1):  # a failure restores it too
+        assert torch.get_num_threads() == 1
+        raise ZeroDivisionError
+    assert torch.get_num_threads() == 2
+
+
+def test_a_small_decoding_in_another_thread_keeps_the_threads_it_has(tasks, data, monkeypatch, two_threads):
     # torch's thread count is partly the process's: only the main thread changes it, so a
     # server's overlapping decodings cannot leave each other one thread
     model = tiny_model(seed=3).eval()
-    seen: list[int] = []
-    step = model._next_token
-    monkeypatch.setattr(model, "_next_token", lambda *a: seen.append(torch.get_num_threads()) or step(*a))
+    seen = record_step_threads(model, monkeypatch, "_next_token")
     before: list[int] = []
 
     def decode_in_a_worker():
         before.append(torch.get_num_threads())
         model.generate(data.batch(tasks["translation"], 2), 4)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        worker = threading.Thread(target=decode_in_a_worker)
-        worker.start()
-        worker.join(60)
-        assert seen and set(seen) == set(before) and torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(threads)
+    worker = threading.Thread(target=decode_in_a_worker)
+    worker.start()
+    worker.join(60)
+    assert seen and set(seen) == set(before) and torch.get_num_threads() == 2
 
 
 def test_beam_hypotheses_attend_to_their_rows_one_source_as_to_a_copy_of_it():
