@@ -25,9 +25,13 @@ class TrackingError(RuntimeError):
     pass
 
 
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
 def resolve_tracking_uri(uri: str) -> str:
     """The URI to use; an http(s) server must answer /health first."""
-    if uri.startswith(("http://", "https://")):
+    if is_server(uri):
         check_server(uri)
     return uri
 
@@ -57,8 +61,18 @@ def experiment_id(uri: str, config: Config) -> str:
     found = mlflow.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
-    location = config.mlflow.artifact_location or Path("mlartifacts").absolute().as_uri()
-    return mlflow.create_experiment(name, artifact_location=location)
+    return mlflow.create_experiment(name, artifact_location=artifact_location(uri, config))
+
+
+def artifact_location(uri: str, config: Config) -> str | None:
+    """Where a new experiment keeps its artifacts: the config's place, else ./mlartifacts beside a
+    local store, else (None) the tracking server's own store (`mlflow server
+    --artifacts-destination`: S3 in cluster.yaml), which every client reaches through the
+    server. A local path there would put a job's checkpoints and registered models on the disk
+    of whichever node created the experiment, in a working directory Ray deletes."""
+    if config.mlflow.artifact_location:
+        return config.mlflow.artifact_location
+    return None if is_server(uri) else Path("mlartifacts").absolute().as_uri()
 
 
 def start_run(

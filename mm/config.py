@@ -324,7 +324,11 @@ class MLflowConfig(Section):
     tracking_uri: str = "sqlite:///mlruns.db"
     experiment: str | None = Field(None, description="default: the config's name")
     model_name: str | None = Field(None, description="registered model; default: the config's name")
-    artifact_location: str | None = Field(None, description="for a new experiment; default ./mlartifacts")
+    artifact_location: str | None = Field(
+        None,
+        description="for a new experiment; default: ./mlartifacts for a local store, "
+        "the tracking server's own store for an http(s) one",
+    )
 
 
 class SearchSpace(Section):

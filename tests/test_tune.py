@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cluster.tracking import TrackingError, client, resolve_tracking_uri
+from cluster.tracking import TrackingError, client, resolve_tracking_uri, start_run
 from mm.config import ConfigError, parse_config
 from mm.parallel import free_port
 from mm.train import lr_factor
@@ -82,6 +82,28 @@ def swept(ray_local, mlflow_server, tmp_path_factory):
     return sweep(config), config
 
 
+def test_runs_on_a_tracking_server_keep_their_artifacts_in_its_store(mlflow_server, tmp_path, monkeypatch):
+    """Not on the disk of the process that made the experiment: on a cluster that is one node's
+    job directory, which Ray deletes (cluster.yaml's server keeps artifacts in S3). A place the
+    config names still wins."""
+    monkeypatch.chdir(tmp_path)  # where a local default would land
+    mlflow = client(mlflow_server)
+    raw = config_dict(tmp_path / "shards", tmp_path)
+    raw["mlflow"] = {"tracking_uri": mlflow_server, "experiment": "artifacts-on-the-server"}
+    config = parse_config(raw)
+    on_server = start_run(mlflow_server, config)
+    assert mlflow.get_run(on_server).info.artifact_uri.startswith("mlflow-artifacts:/")
+    back = Path(mlflow.download_artifacts(on_server, "config.json", str(tmp_path / "back")))
+    assert json.loads(back.read_text())["name"] == config.name  # through the server
+    assert not (tmp_path / "mlartifacts").exists()
+
+    mine = (tmp_path / "mine").as_uri()
+    raw["mlflow"].update(experiment="artifacts-where-configured", artifact_location=mine)
+    configured = start_run(mlflow_server, parse_config(raw))
+    assert mlflow.get_run(configured).info.artifact_uri.startswith(mine)
+    assert list((tmp_path / "mine").rglob("config.json"))
+
+
 def test_sweep_logs_a_parent_run_with_one_child_per_trial(swept):
     result, _ = swept
     mlflow = client(result.tracking_uri)
@@ -124,7 +146,7 @@ def test_a_trial_stopped_at_a_rung_gets_its_last_report_logged_and_is_killed(tmp
 
     config = parse_config(config_dict(tmp_path / "shards", tmp_path, steps=6))
     mlflow = client(config.mlflow.tracking_uri)
-    experiment = mlflow.create_experiment("rungs")
+    experiment = mlflow.create_experiment("rungs", artifact_location=(tmp_path / "art").as_uri())
     parent, stopped, finished, failed = (mlflow.create_run(experiment).info.run_id for _ in range(4))
     mlflow.log_metric(stopped, "train/reverse/loss", 2.5, step=3)  # already there: not logged again
     mlflow.set_terminated(finished, status="FAILED")  # its job saw the trainer go as Tune ended it
